@@ -1,0 +1,18 @@
+"""Exact, debiased, weighted exponential moving averages as torchmetrics metrics."""
+
+from ema_metrics._base import DecayedSumMetric, find_ema_metrics, sum_ranks, synced_values, tick
+from ema_metrics._params import resolve_alpha
+from ema_metrics.ema import EMAMetric
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecayedSumMetric",
+    "EMAMetric",
+    "__version__",
+    "find_ema_metrics",
+    "resolve_alpha",
+    "sum_ranks",
+    "synced_values",
+    "tick",
+]

@@ -1,0 +1,78 @@
+"""Resolution of the smoothing parameter, with pandas names and formulas."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+__all__ = ["resolve_alpha"]
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(
+            f"Expected argument `{name}` to be a real number, but got {value!r} of type {type(value).__name__}"
+        )
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}")
+    return out
+
+
+def resolve_alpha(
+    alpha: float | None = None,
+    half_life: float | None = None,
+    span: float | None = None,
+    com: float | None = None,
+) -> float:
+    """Turn exactly one of ``alpha``, ``half_life``, ``span`` or ``com`` into the smoothing factor ``alpha``.
+
+    The formulas are those of :meth:`pandas.Series.ewm`: ``com`` gives ``1 / (1 + com)``, ``span`` gives
+    ``2 / (span + 1)`` and ``half_life`` gives ``1 - 0.5 ** (1 / half_life)``.
+
+    Args:
+        alpha: smoothing factor, in ``(0, 1]``.
+        half_life: number of ticks after which a value's weight has halved, ``> 0``.
+        span: pandas span, ``>= 1``.
+        com: centre of mass, ``>= 0``.
+
+    Returns:
+        The smoothing factor ``alpha`` in ``(0, 1]``.
+
+    Raises:
+        TypeError: If the chosen argument is not a real number.
+        ValueError: If not exactly one argument is given, or the given one is out of range.
+
+    Example:
+        >>> from ema_metrics import resolve_alpha
+        >>> for kw in ({"alpha": 0.5}, {"com": 1}, {"span": 3}, {"half_life": 1}):
+        ...     print(f"{kw} -> alpha={resolve_alpha(**kw):.4f}")
+        {'alpha': 0.5} -> alpha=0.5000
+        {'com': 1} -> alpha=0.5000
+        {'span': 3} -> alpha=0.5000
+        {'half_life': 1} -> alpha=0.5000
+
+    """
+    given = {
+        k: v for k, v in (("alpha", alpha), ("half_life", half_life), ("span", span), ("com", com)) if v is not None
+    }
+    if len(given) != 1:
+        names = ", ".join(f"`{k}`={v!r}" for k, v in given.items()) or "none"
+        raise ValueError(f"Expected exactly one of `alpha`, `half_life`, `span` or `com`, but got {names}")
+    ((name, raw),) = given.items()
+    value = _check_number(name, raw)
+    if name == "alpha":
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"Expected argument `alpha` to be in (0, 1], but got {raw!r}")
+        return value
+    if name == "half_life":
+        if value <= 0.0:
+            raise ValueError(f"Expected argument `half_life` to be a positive number, but got {raw!r}")
+        return 1.0 - math.exp(math.log(0.5) / value)
+    if name == "span":
+        if value < 1.0:
+            raise ValueError(f"Expected argument `span` to be a number >= 1, but got {raw!r}")
+        return 2.0 / (value + 1.0)
+    if value < 0.0:
+        raise ValueError(f"Expected argument `com` to be a number >= 0, but got {raw!r}")
+    return 1.0 / (1.0 + value)

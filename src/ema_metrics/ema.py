@@ -1,0 +1,389 @@
+"""``EMAMetric``: an exact, debiased, weighted exponential moving average that syncs across ranks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import Tensor
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
+
+from ema_metrics._base import DecayedSumMetric
+
+__all__ = ["EMAMetric"]
+
+_NAN_STRATEGIES = ("error", "warn", "ignore", "disable")
+_F64 = torch.float64
+_REAL_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    }
+)
+
+
+class _Coef(NamedTuple):
+    """Constant vectors that turn a value into the tick's sums with one ``addcmul``: ``c0 + value * c1``."""
+
+    c0: Tensor  # [0, w, 1, 0]
+    c1: Tensor  # [w, 0, 0, 0]
+    c0_col: Tensor  # the same, as (4, 1) columns for values with several elements
+    c1_col: Tensor
+
+
+class _Hot(NamedTuple):
+    """Per-device constants of the hot path, rebuilt when the metric moves."""
+
+    sums: Tensor
+    num: Tensor  # view of sums[0]
+    den: Tensor  # view of sums[1]
+    decay: Tensor  # [beta, beta, 1, 1]
+    keep: Tensor  # [1, 1, 1, 1]
+    one: Tensor
+    zero: Tensor
+    reject: Tensor  # [0, 0, 0, 1]: the sums of an update whose tensor weight was invalid
+    coef: dict[float, _Coef]
+
+
+class EMAMetric(DecayedSumMetric):
+    r"""Exponential moving average of a stream of values, debiased, weighted and exact across ranks.
+
+    ``update`` and ``forward`` accept:
+
+    - ``value`` (:class:`~torch.Tensor` of any shape, or a Python number): the observations of one tick. All
+      elements are pooled with their weights into a weighted sum and a summed weight.
+    - ``weight`` (Python number, or tensor broadcastable to ``value``; default 1): non-negative weight of each
+      observation, for example the batch size when ``value`` is a batch-mean loss.
+
+    One ``update`` is one *tick*. Use :meth:`tick` (or :func:`ema_metrics.tick`) to pool several updates, such as
+    the micro-batches of one optimizer step, into one tick.
+
+    With ``adjust=True`` (default) the value after tick :math:`t` is
+
+    .. math:: \bar x_t = \frac{\sum_{i\le t} \beta^{t-i} \sum_j w_{ij} x_{ij}}{\sum_{i\le t} \beta^{t-i} \sum_j w_{ij}}
+
+    which, for scalars with unit weights, is ``pandas.Series.ewm(alpha=alpha, adjust=True).mean()`` (and fastai's
+    ``AvgSmoothLoss``, and TensorBoard's smoothing). ``adjust=False`` is pandas ``adjust=False``: the first tick
+    seeds the average as if it had been observed forever (its sums count ``1 / alpha`` times), which is also
+    ignite's ``RunningAverage``. If the first tick carries no weight there is nothing to seed with, and the
+    average starts debiased.
+
+    The states are two decayed sums (float64), so adding them across ranks gives *exactly* the average of the
+    pooled data of all ranks, provided every rank ticks the same number of times (a rank without data passes
+    ``weight=0``). ``compute`` syncs them with a single collective. ``forward`` returns the local value unless
+    :attr:`sync_on_forward` (default: the torchmetrics ``dist_sync_on_step`` argument) asks for a sync.
+
+    ``update`` and ``forward`` never read a tensor back to the host. Checks that need a value, which are non-finite
+    values and invalid tensor weights, are deferred to ``compute``.
+
+    Args:
+        alpha: smoothing factor in ``(0, 1]``; pass exactly one of ``alpha``, ``half_life``, ``span``, ``com``.
+        half_life: ticks after which an observation's weight halves: ``1 - alpha = 0.5 ** (1 / half_life)``.
+        span: pandas span, ``alpha = 2 / (span + 1)``, ``span >= 1``.
+        com: centre of mass, ``alpha = 1 / (1 + com)``, ``com >= 0``.
+        adjust: debiased average (``True``) or pandas ``adjust=False`` (``False``).
+        nan_strategy: what to do with NaN and infinite values (torchmetrics' names):
+
+            - ``"warn"`` (default): drop them from the tick (weight 0); ``compute`` warns once for each new
+              batch of dropped values.
+            - ``"ignore"``: drop them silently.
+            - ``"error"``: drop them from the tick and raise ``RuntimeError`` at ``compute`` (the check cannot run in
+              ``update`` without a host sync); the state holds only the finite observations.
+            - ``"disable"``: no check; a non-finite value poisons the average.
+            - a float: replace each non-finite value by this number (imputation), with its weight.
+        kwargs: torchmetrics ``Metric`` arguments (``dist_sync_on_step``, ``process_group``, ``dist_sync_fn``, ...).
+
+    Raises:
+        TypeError: If a parametrisation argument, ``adjust`` or ``nan_strategy`` has the wrong type.
+        ValueError: If not exactly one parametrisation is given, or a value is out of range.
+
+    Example:
+        >>> from ema_metrics import EMAMetric
+        >>> ema = EMAMetric(alpha=0.5)
+        >>> for step, loss in enumerate([4.0, 2.0, 1.0, 1.0]):
+        ...     value = ema(loss)
+        ...     print(f"{step=} {value=:.4f}")
+        step=0 value=4.0000
+        step=1 value=2.6667
+        step=2 value=1.7143
+        step=3 value=1.3333
+
+        Weights pool the observations of one tick, ``adjust=False`` seeds with the first tick:
+
+        >>> ema = EMAMetric(half_life=1, adjust=False)
+        >>> for step, (loss, n) in enumerate([(4.0, 32), (2.0, 32), (1.0, 8)]):
+        ...     value = ema(loss, weight=n)
+        ...     print(f"{step=} {value=:.4f}")
+        step=0 value=4.0000
+        step=1 value=3.0000
+        step=2 value=2.6000
+
+    """
+
+    higher_is_better: bool | None = None
+    sums: Tensor
+
+    def __init__(
+        self,
+        alpha: float | None = None,
+        *,
+        half_life: float | None = None,
+        span: float | None = None,
+        com: float | None = None,
+        adjust: bool = True,
+        nan_strategy: Union[str, float] = "warn",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
+        self.nan_strategy = _check_nan_strategy(nan_strategy)
+        self._clean = self.nan_strategy in ("error", "warn", "ignore")
+        self._impute: float | None = None if isinstance(self.nan_strategy, str) else float(self.nan_strategy)
+        # [decayed sum of w*x, decayed sum of w, count of finite values, count of rejected updates]
+        self._add_decayed_state("sums", torch.zeros(4), decay_mask=torch.tensor([True, True, False, False]))
+        self._numel = 0
+        self._warned_nonfinite = 0
+        self._hot: _Hot | None = None
+
+    # ------------------------------------------------------------------ hot path
+    def _build_hot(self) -> _Hot:
+        sums = self.sums
+        dev = sums.device
+        hot = _Hot(
+            sums=sums,
+            num=sums[0],
+            den=sums[1],
+            decay=torch.tensor([self.beta, self.beta, 1.0, 1.0], dtype=_F64, device=dev),
+            keep=torch.ones(4, dtype=_F64, device=dev),
+            one=torch.ones((), dtype=_F64, device=dev),
+            zero=torch.zeros((), dtype=_F64, device=dev),
+            reject=torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=_F64, device=dev),
+            coef={},
+        )
+        self.__dict__["_hot"] = hot
+        return hot
+
+    def _coef(self, hot: _Hot, weight: float) -> _Coef:
+        w = float(weight)
+        if not (w >= 0.0 and math.isfinite(w)):
+            raise ValueError(f"Expected argument `weight` to be a finite non-negative number, but got {weight!r}")
+        dev = hot.sums.device
+        c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
+        c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
+        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1))
+        if len(hot.coef) < 64:
+            hot.coef[w] = coef
+        return coef
+
+    def _accumulate(self, value: Union[Tensor, float], weight: Union[Tensor, float]) -> _Hot:
+        """Add one update to the states. Validates everything before touching any state; no host sync."""
+        d = self.__dict__
+        if type(value) is Tensor:
+            x = value.detach() if value.requires_grad else value
+        else:
+            x = value.detach() if isinstance(value, Tensor) else _as_tensor(value, "value")
+        if not x.is_floating_point() and x.dtype not in _REAL_DTYPES:
+            raise TypeError(f"Expected argument `value` to be a real-valued tensor, but got dtype {x.dtype}")
+        hot: _Hot | None = d["_hot"]
+        if hot is None or hot.sums is not d["sums"]:
+            hot = self._build_hot()
+        if d["_impute"] is not None:
+            x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
+        if type(weight) is float or type(weight) is int:
+            coef = hot.coef.get(weight) or self._coef(hot, weight)
+            if x.dim() == 0:
+                inc = torch.addcmul(coef.c0, x, coef.c1)
+                if d["_clean"]:
+                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+            else:
+                inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
+                if d["_clean"]:
+                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+                inc = inc.sum(1)
+            in_tick = d["_in_tick"]
+            decay = hot.decay if not in_tick or self._tick_decay() else hot.keep
+        else:
+            inc, decay = self._tensor_weight_sums(hot, x, weight)
+            in_tick = d["_in_tick"]
+        torch.addcmul(inc, hot.sums, decay, out=hot.sums)
+        d["_numel"] += x.numel()
+        if not in_tick:
+            if d["_ticks"] or d["adjust"]:
+                d["_ticks"] += 1
+            else:
+                self._close_tick()
+        return hot  # type: ignore[no-any-return]
+
+    def _tensor_weight_sums(self, hot: _Hot, x: Tensor, weight: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(weight, bool):
+            raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
+        if isinstance(weight, Real):
+            coef = self._coef(hot, float(weight))
+            inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
+            if self._clean:
+                torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+            return inc.sum(1), hot.decay if self._tick_decay() else hot.keep
+        w = weight.detach() if isinstance(weight, Tensor) else _as_tensor(weight, "weight")
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"Expected argument `weight` to be a real-valued tensor, but got dtype {w.dtype}")
+        try:
+            shape = torch.broadcast_shapes(w.shape, x.shape)  # type: ignore[no-untyped-call]
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(
+                f"Expected argument `weight` to be broadcastable to the shape of `value` {tuple(x.shape)},"
+                f" but got shape {tuple(w.shape)}"
+            )
+        xe = x.reshape(1, -1)
+        we = w.expand(x.shape).reshape(1, -1)
+        finite = torch.addcmul(hot.one, xe, hot.zero)  # 1 where x is finite, NaN elsewhere
+        wd = we * finite
+        inc = torch.cat((xe * we, wd, finite, torch.zeros_like(finite)))
+        if self._clean:
+            torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+        inc = inc.sum(1)
+        invalid = torch.logical_or(w < 0, ~torch.isfinite(w)).any()
+        # An invalid weight rejects the whole update on the device: the state is left as it was (no decay
+        # either), a counter records it, and ``compute`` raises. Reading it here would need a host sync.
+        decay = hot.decay if self._tick_decay() else hot.keep
+        return torch.where(invalid, hot.reject, inc), torch.where(invalid, hot.keep, decay)
+
+    def update(self, value: Union[Tensor, float], weight: Union[Tensor, float] = 1.0) -> None:
+        """Add one tick (or, inside :meth:`tick`, one part of the open tick).
+
+        Args:
+            value: observations of this tick; a number or a tensor of any shape.
+            weight: non-negative weight, a number or a tensor broadcastable to ``value``.
+
+        Raises:
+            TypeError: If ``value`` or ``weight`` is not numeric.
+            ValueError: If ``weight`` is a negative or non-finite number, or its shape does not broadcast to
+                ``value``. An invalid *tensor* weight is detected on the device and reported by ``compute``.
+
+        """
+        self._accumulate(value, weight)
+
+    def forward(self, value: Union[Tensor, float], weight: Union[Tensor, float] = 1.0) -> Tensor:
+        """Update, then return the current smoothed value (rank-local unless :attr:`sync_on_forward`)."""
+        d = self.__dict__
+        if d["_is_synced"]:
+            raise TorchMetricsUserError(
+                "The Metric shouldn't be synced when performing ``forward``. HINT: Did you forget to call ``unsync`` ?."
+            )
+        hot = self._accumulate(value, weight)
+        d["_update_count"] += 1
+        d["_computed"] = None
+        if (d["sync_on_forward"] is not None or d["dist_sync_on_step"]) and self._should_sync_forward():
+            out = self._synced_forward_value()
+        else:
+            out = torch.div(hot.num, hot.den)
+        d["_forward_cache"] = out
+        return out
+
+    # ------------------------------------------------------------------ compute
+    def compute(self) -> Tensor:
+        """The smoothed value: NaN before any observation; synced across ranks when distributed.
+
+        Raises:
+            ValueError: If an update was rejected for a negative or non-finite tensor ``weight``.
+            RuntimeError: If ``nan_strategy="error"`` and non-finite values were seen.
+
+        """
+        return self._value_from_states({"sums": self.sums}, counters=self._counters_for_compute(), check=True)
+
+    def _value_from_states(
+        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+    ) -> Tensor:
+        sums = states["sums"]
+        if check:
+            finite, rejected = sums[2:].tolist()
+            if rejected > 0:
+                raise ValueError(
+                    f"{type(self).__name__}: {int(rejected)} update(s) were rejected because argument `weight` held"
+                    " a negative or non-finite value; those updates were left out of the state. Reset the metric"
+                    " after fixing the weights."
+                )
+            numel = (counters or self._extra_counters())["numel"]
+            self._report_nonfinite(numel - int(finite))
+        return sums[0] / sums[1]
+
+    def _report_nonfinite(self, dropped: int) -> None:
+        if dropped <= 0 or self.nan_strategy not in ("error", "warn"):
+            return
+        if self.nan_strategy == "error":
+            raise RuntimeError(
+                f"{type(self).__name__}: {dropped} non-finite value(s) (NaN or inf) were passed as `value` with"
+                " nan_strategy='error'; they were left out of the average."
+            )
+        if dropped > self._warned_nonfinite:
+            warnings.warn(
+                f"{type(self).__name__}: {dropped} non-finite value(s) (NaN or inf) were passed as `value` and left"
+                " out of the average (nan_strategy='warn').",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._warned_nonfinite = dropped
+
+    # ------------------------------------------------------------------ counters and devices
+    def _extra_counters(self) -> dict[str, int]:
+        return {"numel": self._numel}
+
+    def _set_extra_counters(self, counters: dict[str, int]) -> None:
+        self._numel = counters.get("numel", 0)
+
+    def _reset_counters(self) -> None:
+        self._numel = 0
+        self._warned_nonfinite = 0
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        this = super()._apply(fn, exclude_state)
+        if isinstance(this, EMAMetric):
+            if this.sums.dtype != _F64:  # accumulation stays in float64 whatever `set_dtype` asks for
+                this.sums = this.sums.to(_F64)
+                this._defaults["sums"] = torch.zeros(4, dtype=_F64, device=this.sums.device)
+            this.__dict__["_hot"] = None
+            this._factor_cache.clear()
+        return this
+
+    def extra_repr(self) -> str:
+        """Short description for ``print(metric)``."""
+        return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
+
+
+def _check_nan_strategy(nan_strategy: Any) -> Union[str, float]:
+    if isinstance(nan_strategy, str):
+        if nan_strategy not in _NAN_STRATEGIES:
+            raise ValueError(
+                f"Expected argument `nan_strategy` to be one of {list(_NAN_STRATEGIES)} or a float, but got"
+                f" {nan_strategy!r}"
+            )
+        return nan_strategy
+    if isinstance(nan_strategy, bool) or not isinstance(nan_strategy, Real):
+        raise TypeError(f"Expected argument `nan_strategy` to be a string or a float, but got {nan_strategy!r}")
+    if not math.isfinite(float(nan_strategy)):
+        raise ValueError(
+            f"Expected argument `nan_strategy` to be a finite float when imputing, but got {nan_strategy!r}"
+        )
+    return float(nan_strategy)
+
+
+def _as_tensor(value: Any, name: str) -> Tensor:
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
+    try:
+        out = torch.as_tensor(value, dtype=_F64 if isinstance(value, Real) else None)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}") from err
+    if not (out.is_floating_point() or out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
+    return out
