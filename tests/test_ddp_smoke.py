@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import torch
+
+from ema_metrics import EMAMetric
+from tests.ddp_utils import run_ddp
+
+
+def _worker(rank: int, world_size: int) -> float:
+    m = EMAMetric(alpha=0.5)
+    m.update(torch.tensor(float(rank)))
+    return float(m.compute())
+
+
+def test_run_ddp_pools_ranks() -> None:
+    # two ranks observe 0 and 1 with equal weight: the pooled average is 0.5 on every rank
+    assert run_ddp(_worker, 2) == [0.5, 0.5]
