@@ -259,6 +259,27 @@ class DecayedSumMetric(Metric):
         finally:
             self.end_tick()
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the per-device caches (they are rebuilt on first use)."""
+        state = super().__getstate__()
+        state.pop("_hot", None)
+        state["_factor_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle with private copies of the states.
+
+        ``torch.multiprocessing`` (``ddp_spawn``, ``mp.spawn``) unpickles tensors into memory *shared* with the
+        parent and the sibling processes. The states are updated in place, so each process must own its copy.
+        """
+        super().__setstate__(state)
+        self.__dict__.setdefault("_hot", None)
+        for name, default in self._defaults.items():
+            if isinstance(default, Tensor):
+                self._defaults[name] = default.clone()
+                setattr(self, name, getattr(self, name).clone())
+
     # ------------------------------------------------------------------ reset / persistence
     def reset(self) -> None:
         """Reset the states, the tick count and the deferred checks to their initial values."""
@@ -286,6 +307,7 @@ class DecayedSumMetric(Metric):
         if not isinstance(state, dict):
             raise TypeError(f"Expected the extra state of {type(self).__name__} to be a dict, but got {state!r}")
         self._ticks = int(state.get("ticks", 0))
+        self._update_count = max(self._update_count, self._ticks)
         self._set_extra_counters({k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha")})
 
     def _load_from_state_dict(
@@ -322,6 +344,25 @@ class DecayedSumMetric(Metric):
 
     def _packed_size(self) -> int:
         return sum(int(getattr(self, n).numel()) for n in self._state_names()) + 1 + len(self._extra_counters())
+
+    def _ticks_index(self) -> int:
+        """Position of the tick count in :meth:`_pack`'s vector."""
+        return sum(int(getattr(self, n).numel()) for n in self._state_names())
+
+    def _load_packed(self, row: Tensor) -> None:
+        """Set this rank's states and counters from one vector laid out as :meth:`_pack` makes it."""
+        offset = 0
+        for name in self._state_names():
+            local = getattr(self, name)
+            size = local.numel()
+            value = row[offset : offset + size].reshape(local.shape).to(device=local.device, dtype=local.dtype)
+            setattr(self, name, value.clone())
+            offset += size
+        rest = row[offset:].tolist()
+        self._ticks = int(rest[0])
+        self._set_extra_counters({n: int(v) for n, v in zip(self._extra_counters(), rest[1:], strict=True)})
+        self._update_count = max(self._update_count, self._ticks)
+        self._computed = None
 
     def _unpack_reduced(self, gathered: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Split ``(world_size, n)`` gathered vectors into reduced states and the per-rank counters."""

@@ -1,0 +1,21 @@
+"""The companion callback for the ``pytorch_lightning`` package (``pip install pytorch-lightning``)."""
+
+from __future__ import annotations
+
+try:
+    import pytorch_lightning as _pl
+    from pytorch_lightning import Callback
+except ModuleNotFoundError as err:  # pragma: no cover - exercised by the packaging test
+    raise ModuleNotFoundError(
+        "ema_metrics.pytorch_lightning needs the `pytorch_lightning` package: `pip install pytorch-lightning`"
+        " (or install `ema_metrics[lightning]` and use ema_metrics.lightning)"
+    ) from err
+
+from ema_metrics._callback import _EMACallbackLogic
+
+__all__ = ["EMACallback"]
+
+
+class EMACallback(_EMACallbackLogic, Callback):  # type: ignore[misc]  # noqa: D101
+    __doc__ = _EMACallbackLogic.__doc__
+    _pl = _pl
