@@ -8,6 +8,7 @@ a per-state ``dist_reduce_fx`` (:func:`sum_ranks` for every decayed sum).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -25,6 +26,7 @@ __all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
 
 _STATE_DTYPE = torch.float64
 _EXTRA_STATE_FORMAT = 1
+_INSTANCES = itertools.count()
 
 
 def sum_ranks(stacked: Tensor) -> Tensor:
@@ -99,6 +101,15 @@ class DecayedSumMetric(Metric):
         self._tick_decayed = False
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
+        # A constant, local state unique to this instance. torchmetrics' MetricCollection merges metrics whose
+        # states are equal after the first update into one compute group, which would share the tensors but not
+        # the tick count (and two EMAs of different alpha hold equal sums after one tick). It is never synced,
+        # decayed or saved.
+        self.add_state(
+            "instance_tag",
+            torch.tensor([self._alpha, float(adjust), float(next(_INSTANCES))], dtype=_STATE_DTYPE),
+            persistent=False,
+        )
 
     # ------------------------------------------------------------------ call overhead
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -172,7 +183,9 @@ class DecayedSumMetric(Metric):
         cached = self._factor_cache.get(key)
         if cached is None or cached.device != state.device:
             mask = self._decay_masks[name].to(state.device)
-            cached = torch.where(mask, factor, 1.0).to(dtype=state.dtype, device=state.device)
+            # masked_fill_ writes the Python float in the state's dtype; torch.where(mask, factor, 1.0) would
+            # round `factor` to float32 (the default dtype) first.
+            cached = torch.ones(mask.shape, dtype=state.dtype, device=state.device).masked_fill_(mask, factor)
             self._factor_cache[key] = cached
         return cached
 
@@ -333,7 +346,8 @@ class DecayedSumMetric(Metric):
 
     # ------------------------------------------------------------------ distributed
     def _state_names(self) -> list[str]:
-        return list(self._reductions)
+        """The states that are synced, packed and restored: the decayed ones."""
+        return list(self._decay_masks)
 
     def _pack(self) -> Tensor:
         """All states and counters of this rank as one float64 vector."""
