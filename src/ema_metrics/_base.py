@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -137,21 +139,24 @@ class DecayedSumMetric(Metric):
 
         @functools.wraps(update)
         def wrapped_func(*args: Any, **kwargs: Any) -> None:
-            d = self.__dict__
-            d["_computed"] = None
-            d["_update_count"] += 1
             try:
                 update(*args, **kwargs)
             except RuntimeError as err:
-                if "Expected all tensors to be on" in str(err) or "device" in str(err):
-                    raise RuntimeError(
-                        f"{type(self).__name__}: the input is on another device than the metric ({self.device})."
-                        f" Move the metric with `.to(device)`, or pass the input on {self.device}. The state is"
-                        " unchanged."
-                    ) from err
-                raise
+                raise self._clear_device_error(err) from err
+            d = self.__dict__
+            d["_computed"] = None
+            d["_update_count"] += 1
 
         return wrapped_func
+
+    def _clear_device_error(self, err: RuntimeError) -> RuntimeError:
+        """A device mismatch raised by an update, reworded to say what to do (the state is unchanged)."""
+        if "Expected all tensors to be on" not in str(err) and "device" not in str(err):
+            return err
+        return RuntimeError(
+            f"{type(self).__name__}: the input is on another device than the metric ({self.device}). Move the"
+            f" metric with `.to(device)`, or pass the input on {self.device}. The state is unchanged. ({err})"
+        )
 
     # ------------------------------------------------------------------ parametrisation
     @property
@@ -319,6 +324,14 @@ class DecayedSumMetric(Metric):
         """Restore what :meth:`get_extra_state` saved."""
         if not isinstance(state, dict):
             raise TypeError(f"Expected the extra state of {type(self).__name__} to be a dict, but got {state!r}")
+        saved_alpha = state.get("alpha")
+        if saved_alpha is not None and not math.isclose(float(saved_alpha), self._alpha, rel_tol=1e-12):
+            warnings.warn(
+                f"{type(self).__name__}: loading a state saved with alpha={saved_alpha!r} into a metric with"
+                f" alpha={self._alpha!r}; the past keeps its decay and the new alpha applies from now on.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._ticks = int(state.get("ticks", 0))
         self._update_count = max(self._update_count, self._ticks)
         self._set_extra_counters({k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha")})
@@ -411,9 +424,11 @@ class DecayedSumMetric(Metric):
         group = process_group or self.process_group
         gathered = _gather(self._pack(), group, dist_sync_fn)
         reduced, counters = self._unpack_reduced(gathered)
+        # Check the tick counts before touching the states: a failed sync must leave the local states as they were
+        # (torchmetrics only restores them on `unsync`, which does not run when the sync raises).
+        self._apply_counters(counters)
         for name, value in reduced.items():
             setattr(self, name, value)
-        self._apply_counters(counters)
 
     def unsync(self, should_unsync: bool = True) -> None:
         """Restore the local states after a sync (see :meth:`torchmetrics.Metric.unsync`)."""

@@ -244,8 +244,10 @@ class EMAMetric(DecayedSumMetric):
                 f"Expected argument `weight` to be broadcastable to the shape of `value` {tuple(x.shape)},"
                 f" but got shape {tuple(w.shape)}"
             )
-        xe = x.reshape(1, -1)
-        we = w.expand(x.shape).reshape(1, -1)
+        # The tick's sums are formed in float64, as on the Python-weight path: a product and sum in the input's
+        # dtype would round (float32) or overflow (float16) before reaching the float64 states.
+        xe = x.reshape(1, -1).to(_F64)
+        we = w.expand(x.shape).reshape(1, -1).to(_F64)
         finite = torch.addcmul(hot.one, xe, hot.zero)  # 1 where x is finite, NaN elsewhere
         wd = we * finite
         inc = torch.cat((xe * we, wd, finite, torch.zeros_like(finite)))
@@ -280,7 +282,10 @@ class EMAMetric(DecayedSumMetric):
             raise TorchMetricsUserError(
                 "The Metric shouldn't be synced when performing ``forward``. HINT: Did you forget to call ``unsync`` ?."
             )
-        hot = self._accumulate(value, weight)
+        try:
+            hot = self._accumulate(value, weight)
+        except RuntimeError as err:
+            raise self._clear_device_error(err) from err
         d["_update_count"] += 1
         d["_computed"] = None
         if (d["sync_on_forward"] is not None or d["dist_sync_on_step"]) and self._should_sync_forward():
@@ -313,8 +318,10 @@ class EMAMetric(DecayedSumMetric):
                     " a negative or non-finite value; those updates were left out of the state. Reset the metric"
                     " after fixing the weights."
                 )
-            numel = (counters or self._extra_counters())["numel"]
-            self._report_nonfinite(numel - int(finite))
+            if self.nan_strategy in ("error", "warn"):
+                # only these strategies count dropped values; with "disable" a NaN value makes the counts NaN too
+                numel = (counters or self._extra_counters())["numel"]
+                self._report_nonfinite(numel - int(finite))
         return sums[0] / sums[1]
 
     def _report_nonfinite(self, dropped: int) -> None:
@@ -346,11 +353,16 @@ class EMAMetric(DecayedSumMetric):
         self._warned_nonfinite = 0
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        this = super()._apply(fn, exclude_state)
+        # Accumulation stays in float64 whatever `set_dtype` or `.to(dtype)` asks for. The states must not go
+        # through `fn` at all: a round trip through a half-precision dtype would round the accumulated sums.
+        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        this = super()._apply(fn, (*excluded, "sums"))
         if isinstance(this, EMAMetric):
-            if this.sums.dtype != _F64:  # accumulation stays in float64 whatever `set_dtype` asks for
-                this.sums = this.sums.to(_F64)
-                this._defaults["sums"] = torch.zeros(4, dtype=_F64, device=this.sums.device)
+            if "sums" not in excluded:  # follow the device only
+                this.sums = this.sums.to(device=this.device)
+                default = this._defaults["sums"]
+                if isinstance(default, Tensor):
+                    this._defaults["sums"] = default.to(device=this.device)
             this.__dict__["_hot"] = None
             this._factor_cache.clear()
         return this
