@@ -3,12 +3,14 @@
 from ema_metrics._base import DecayedSumMetric, find_ema_metrics, sum_ranks, synced_values, tick
 from ema_metrics._params import resolve_alpha
 from ema_metrics.ema import EMAMetric
+from ema_metrics.wrapper import EMAWrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DecayedSumMetric",
     "EMAMetric",
+    "EMAWrapper",
     "__version__",
     "find_ema_metrics",
     "resolve_alpha",

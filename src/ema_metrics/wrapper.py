@@ -1,0 +1,358 @@
+"""``EMAWrapper``: an exponential moving average of any torchmetrics metric whose states are sums."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from lightning_utilities import apply_to_collection
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_mean, dim_zero_min, dim_zero_sum
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
+
+from ema_metrics._base import DecayedSumMetric
+
+__all__ = ["EMAWrapper"]
+
+_F64 = torch.float64
+_PREFIX = "decayed_"
+_REDUCTION_NAMES: dict[Callable[..., Any], str] = {
+    dim_zero_mean: "`mean`",
+    dim_zero_max: "`max`",
+    dim_zero_min: "`min`",
+    dim_zero_cat: "`cat`",
+}
+
+
+class EMAWrapper(DecayedSumMetric):
+    r"""Exponential moving average of a torchmetrics metric whose states are sums, such as accuracy, F1 or MSE.
+
+    Each ``update`` (or ``forward``) is one *tick*: every state of the wrapped metric is multiplied by
+    :math:`\beta = 1 - \alpha`, then this tick's sums, computed by the wrapped metric's own ``update``, are added.
+    ``compute`` is the wrapped metric's own ``compute`` applied to the decayed states. After tick :math:`t`, a state
+    holds
+
+    .. math:: S_t = \sum_{i \le t} \beta^{t-i} s_i
+
+    where :math:`s_i` is what tick :math:`i` added to it (for accuracy: the counts of true/false positives/negatives;
+    for MSE: the sum of squared errors and the number of observations). So the value is the metric computed on all
+    the data seen so far, the data of tick :math:`i` weighted by :math:`\beta^{t-i}`.
+
+    ``adjust`` acts on the states, and what it means depends on the metric's formula:
+
+    - ``adjust=True`` (default): the states are the plain discounted sums above. The debiasing normaliser
+      :math:`\sum_{i \le t} \beta^{t-i}` of a debiased average multiplies numerator and denominator alike, so it
+      cancels in every metric that is a ratio of its states: accuracy (correct / total), precision, recall, F1,
+      MSE and MAE (sum of errors / count), :class:`~torchmetrics.aggregation.MeanMetric` (weighted sum / summed
+      weight, identical to :class:`~ema_metrics.EMAMetric` fed the same values and weights), and their macro
+      averages (a class counts in a macro average while its decayed counts are not exactly zero). For a metric
+      that is not a ratio, such as :class:`~torchmetrics.aggregation.SumMetric`, the value is the discounted sum
+      :math:`\sum_{i \le t} \beta^{t-i} s_i` itself: a tick contributing ``c`` every time gives
+      :math:`c (1 - \beta^t) / \alpha`. Multiply by ``alpha`` for a per-tick average.
+    - ``adjust=False``: pandas ``adjust=False``. The first tick is seeded as if it had been observed forever: when
+      it closes, its sums are multiplied by :math:`1 / \alpha = \sum_{k \ge 0} \beta^k`. For a ratio
+      :math:`N_t / D_t` of states, tick :math:`t` enters with weight :math:`d_t / D_t` (its share of the decayed
+      denominator): :math:`v_t = (1 - d_t / D_t) v_{t-1} + (d_t / D_t) m_t`, with :math:`m_t` the metric of tick
+      :math:`t` alone. With the same denominator every tick (a constant batch size) that weight is :math:`\alpha`
+      from the first tick on, which is pandas' recursion; with ``adjust=True`` it is the debiased
+      :math:`\alpha / (1 - \beta^t)`. For ``SumMetric`` with ``c`` every tick the value is ``c / alpha`` from the
+      first tick on. Macro averages apply this per class.
+
+    Use :meth:`tick` (or :func:`ema_metrics.tick`) to pool several updates, such as the micro-batches of one
+    optimizer step, into one tick. A tick with no update still decays, so every rank keeps the same tick count.
+
+    The decayed states are float64 (integer counts become fractional once decayed) and are the ones saved in
+    ``state_dict``. The wrapped metric is switched to float64 too, so that aggregators do not round their inputs to
+    float32; its own syncing and persistence are turned off: ``compute`` syncs the wrapper's states across ranks with
+    a single collective, and :func:`ema_metrics.synced_values` syncs it together with other EMA metrics. The wrapped
+    metric's ``update`` runs on zeroed scratch states, and its result is added to the decayed states only once it
+    returned, so an update that raises (for example on badly shaped input) leaves the state as it was.
+
+    The wrapper reads no tensor back to the host in ``update`` and ``forward``; the wrapped metric's ``update`` may.
+    Pass ``validate_args=False`` to classification metrics, and ``nan_strategy="disable"`` to ``SumMetric`` and to an
+    unweighted ``MeanMetric``, to make their updates free of host syncs too. (torchmetrics 1.9 ignores
+    ``MeanMetric``'s ``weight`` with ``nan_strategy="disable"``; for a weighted mean without host syncs use
+    :class:`~ema_metrics.EMAMetric`, which gives the same value.)
+
+    Only metrics whose every state is a tensor reduced with ``"sum"`` across ranks and starting from zero can be
+    decayed exactly; any other metric is rejected at construction.
+
+    Args:
+        metric: the torchmetrics metric to smooth; a freshly constructed (or reset) instance, used by the wrapper
+            from now on (do not update it directly).
+        alpha: smoothing factor in ``(0, 1]``; pass exactly one of ``alpha``, ``half_life``, ``span``, ``com``.
+        half_life: ticks after which a tick's weight halves: ``1 - alpha = 0.5 ** (1 / half_life)``.
+        span: pandas span, ``alpha = 2 / (span + 1)``, ``span >= 1``.
+        com: centre of mass, ``alpha = 1 / (1 + com)``, ``com >= 0``.
+        adjust: plain discounted sums (``True``) or pandas ``adjust=False`` seeding (``False``), see above.
+        kwargs: torchmetrics ``Metric`` arguments of the wrapper (``dist_sync_on_step``, ``process_group``,
+            ``dist_sync_fn``, ...).
+
+    Raises:
+        TypeError: If ``metric`` is not a torchmetrics ``Metric``, or is already an EMA metric.
+        ValueError: If a state of ``metric`` cannot be decayed exactly (a list state, a reduction other than
+            ``"sum"``, a non-zero default), if ``metric`` holds other metrics or no state, or was already updated;
+            or if the parametrisation is invalid.
+
+    Example:
+        The smoothed accuracy follows a drift in the data: first every prediction is right, then every one is wrong.
+
+        >>> import torch
+        >>> from torchmetrics.classification import BinaryAccuracy
+        >>> from ema_metrics import EMAWrapper
+        >>> acc = EMAWrapper(BinaryAccuracy(), half_life=2)
+        >>> target = torch.tensor([0, 1, 1, 0])
+        >>> for step in range(8):
+        ...     preds = target if step < 4 else 1 - target
+        ...     value = acc(preds, target)
+        ...     print(f"{step=} acc={value:.4f}")
+        step=0 acc=1.0000
+        step=1 acc=1.0000
+        step=2 acc=1.0000
+        step=3 acc=1.0000
+        step=4 acc=0.6442
+        step=5 acc=0.4286
+        step=6 acc=0.2909
+        step=7 acc=0.2000
+
+        Micro-batches pooled into one tick each, and a sum that is discounted, not averaged:
+
+        >>> from torchmetrics.aggregation import SumMetric
+        >>> total = EMAWrapper(SumMetric(), alpha=0.5)
+        >>> for step, micro_batches in enumerate([[1.0, 3.0], [2.0, 2.0], [4.0]]):
+        ...     with total.tick():
+        ...         for x in micro_batches:
+        ...             total.update(x)
+        ...     print(f"{step=} total={total.compute():.4f} ticks={total.ticks}")
+        step=0 total=4.0000 ticks=1
+        step=1 total=6.0000 ticks=2
+        step=2 total=7.0000 ticks=3
+
+    """
+
+    full_state_update: bool = False
+    is_differentiable: bool = False
+
+    base_metric: Metric
+
+    def __init__(
+        self,
+        metric: Metric,
+        alpha: float | None = None,
+        *,
+        half_life: float | None = None,
+        span: float | None = None,
+        com: float | None = None,
+        adjust: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _check_decayable(metric)
+        super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
+        # The wrapped metric computes in float64 and never syncs or saves its states itself: they are the
+        # wrapper's, pushed into it for each update and compute.
+        metric._dtype = _F64
+        metric.sync_on_compute = False
+        metric._to_sync = False
+        metric.dist_sync_on_step = False
+        names: dict[str, str] = {}
+        for name, default in metric._defaults.items():
+            assert isinstance(default, Tensor)  # checked by _check_decayable
+            zero = torch.zeros_like(default, dtype=_F64)
+            self._add_decayed_state(_PREFIX + name, zero)
+            metric._defaults[name] = zero.clone()
+            metric._persistent[name] = False
+            setattr(metric, name, zero.clone())
+            names[name] = _PREFIX + name
+        self.base_metric = metric
+        self._names = names
+        self._scratch: dict[str, Tensor] | None = None
+        self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
+        if metric.device != self.device:
+            self.to(metric.device)
+
+    @property
+    def higher_is_better(self) -> bool | None:  # type: ignore[override]
+        """Whether a higher value is better, as for the wrapped metric."""
+        return self.base_metric.higher_is_better
+
+    # ------------------------------------------------------------------ update / forward / compute
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Add one tick (or, inside :meth:`tick`, one part of the open tick).
+
+        If the wrapped metric's ``update`` raises, the states and the tick count are left unchanged.
+
+        Args:
+            args: positional arguments of the wrapped metric's ``update``.
+            kwargs: keyword arguments of the wrapped metric's ``update``.
+
+        """
+        d = self.__dict__
+        scratch = d["_scratch"]
+        if scratch is None:
+            scratch = self._build_scratch()
+        base = d["_modules"]["base_metric"]
+        bd = base.__dict__
+        for name, buf in scratch.items():
+            bd[name] = buf.zero_()
+        base.update(*args, **kwargs)
+        # The update succeeded: decay (once per tick), then add this update's sums.
+        if self._tick_decay():
+            self._scale_decayed_(self.beta)
+        for name, target in d["_names"].items():
+            d[target].add_(bd[name])
+        self._tick_done()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Update, then return the current smoothed value (rank-local unless :attr:`sync_on_forward`).
+
+        Args:
+            args: positional arguments of the wrapped metric's ``update``.
+            kwargs: keyword arguments of the wrapped metric's ``update``.
+
+        Returns:
+            The wrapped metric's ``compute`` on the decayed states.
+
+        Raises:
+            TorchMetricsUserError: If the metric is synced (call ``unsync`` first).
+
+        """
+        d = self.__dict__
+        if d["_is_synced"]:
+            raise TorchMetricsUserError(
+                "The Metric shouldn't be synced when performing ``forward``. HINT: Did you forget to call ``unsync`` ?."
+            )
+        self.update(*args, **kwargs)
+        if (d["sync_on_forward"] is not None or d["dist_sync_on_step"]) and self._should_sync_forward():
+            out = self._synced_forward_value()
+        else:
+            out = self._value_from_states(self._local_states())
+        d["_forward_cache"] = out
+        return out
+
+    def compute(self) -> Any:
+        """The wrapped metric's ``compute`` on the decayed states, synced across ranks when distributed."""
+        return self._base_compute(self._local_states())
+
+    # ------------------------------------------------------------------ helpers
+    def _local_states(self) -> dict[str, Tensor]:
+        d = self.__dict__
+        return {target: d[target] for target in d["_names"].values()}
+
+    def _base_compute(self, states: dict[str, Tensor]) -> Any:
+        """Run the wrapped metric's own (unwrapped) ``compute`` on ``states``, keyed by the wrapper's state names."""
+        base = self.base_metric
+        bd = base.__dict__
+        for name, target in self._names.items():
+            bd[name] = states[target]
+        return type(base).compute(base)
+
+    def _value_from_states(self, states: dict[str, Tensor]) -> Any:
+        """The value from (reduced) states, squeezed and cloned like ``compute``'s; the states are left as they are."""
+        return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
+
+    def _build_scratch(self) -> dict[str, Tensor]:
+        scratch = {name: torch.zeros_like(getattr(self, target)) for name, target in self._names.items()}
+        self.__dict__["_scratch"] = scratch
+        return scratch
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the scratch states: ``torch.multiprocessing`` would share them between processes."""
+        state = super().__getstate__()
+        state["_scratch"] = None
+        return state
+
+    def reset(self) -> None:
+        """Reset the decayed states, the tick count and the wrapped metric."""
+        super().reset()
+        self.base_metric.reset()
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        # The decayed sums stay float64 whatever `set_dtype` or `.to(dtype)` asks for, and do not go through `fn`
+        # at all (a round trip through a half-precision dtype would round them): they only follow the device.
+        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        targets = tuple(self.__dict__.get("_names", {}).values())
+        this = super()._apply(fn, (*excluded, *targets))
+        if isinstance(this, EMAWrapper):
+            for target in targets:
+                if target not in excluded:
+                    setattr(this, target, getattr(this, target).to(device=this.device))
+                    this._defaults[target] = torch.zeros_like(getattr(this, target))
+            # The wrapped metric's states are scratch space (their values do not matter); it keeps computing in
+            # float64.
+            base = this.base_metric
+            for name in this._names:
+                state = getattr(base, name)
+                setattr(base, name, state.to(_F64))
+                base._defaults[name] = torch.zeros_like(state, dtype=_F64)
+            base._dtype = _F64
+            this.__dict__["_scratch"] = None
+            this._factor_cache.clear()
+        return this
+
+    def extra_repr(self) -> str:
+        """Short description for ``print(metric)``."""
+        return f"alpha={self.alpha:.6g}, adjust={self.adjust}"
+
+
+def _squeeze_clone(x: Tensor) -> Tensor:
+    return (x.squeeze() if x.numel() == 1 else x).clone()
+
+
+def _reduction_name(fx: Any) -> str:
+    if fx is None:
+        return "`None` (the ranks' states are stacked, not reduced)"
+    known = _REDUCTION_NAMES.get(fx)
+    if known is not None:
+        return known
+    return f"the custom function `{getattr(fx, '__qualname__', repr(fx))}`"
+
+
+def _check_decayable(metric: Any) -> None:
+    """Raise unless every state of ``metric`` is a real tensor, reduced with ``"sum"``, whose default is zero."""
+    if not isinstance(metric, Metric):
+        raise TypeError(
+            f"Expected argument `metric` to be a torchmetrics `Metric`, but got {metric!r} of type"
+            f" {type(metric).__name__}"
+        )
+    cls = type(metric).__name__
+    if isinstance(metric, DecayedSumMetric):
+        raise TypeError(
+            f"EMAWrapper cannot wrap {cls}: it is already an exponential moving average; use it directly, or wrap"
+            " the plain torchmetrics metric"
+        )
+    for name, default in metric._defaults.items():
+        fx = metric._reductions[name]
+        if isinstance(default, list):
+            raise ValueError(
+                f"EMAWrapper cannot decay state `{name}` of {cls}: it is a list state reduced with"
+                f" {_reduction_name(fx)}; only tensor states reduced with `sum` can be decayed exactly"
+            )
+        if fx is not dim_zero_sum:
+            raise ValueError(
+                f"EMAWrapper cannot decay state `{name}` of {cls}: it reduces with {_reduction_name(fx)}; only states"
+                " reduced with `sum` can be decayed exactly"
+            )
+        if default.is_complex():
+            raise ValueError(
+                f"EMAWrapper cannot decay state `{name}` of {cls}: it is complex ({default.dtype}); only real states"
+                " can be decayed"
+            )
+        if bool(torch.count_nonzero(default) > 0):
+            raise ValueError(
+                f"EMAWrapper cannot decay state `{name}` of {cls}: its default is {default!r}, not zero; a decayed"
+                " sum must start from zero"
+            )
+    for child_name, child in metric.named_modules():
+        if child is not metric and isinstance(child, Metric):
+            raise ValueError(
+                f"EMAWrapper cannot wrap {cls}: it holds the metric `{child_name}` ({type(child).__name__}), whose"
+                " states the wrapper cannot decay; wrap the inner metric instead"
+            )
+    if not metric._defaults:
+        raise ValueError(f"EMAWrapper cannot wrap {cls}: it has no state to decay")
+    if metric.update_called:
+        raise ValueError(
+            f"EMAWrapper needs a fresh metric, but {cls} was already updated {metric.update_count} time(s); call"
+            " `reset()` on it first"
+        )
