@@ -37,7 +37,7 @@ class _EMACallbackLogic:
        progress bar shows the rank-local value between logged steps.
     3. **Continuous across epochs.** Lightning calls ``reset()`` on logged metrics at every epoch end; the callback
        restores the EMA state at the start of the next epoch (and at the end of fit). ``reset_on_epoch=True``
-       restarts every EMA at each epoch instead.
+       restarts every EMA at the start of each epoch instead (after fit the metrics hold the last epoch's EMA).
     4. **Exact resume.** ``on_save_checkpoint`` gathers every rank's state (one collective) into the callback's
        checkpoint entry. On resume each rank gets its own state back (bit-exact), or, on a different number of
        processes, rank 0 takes the pooled state and the others start from zero, which continues the same curve.
@@ -68,7 +68,11 @@ class _EMACallbackLogic:
         prog_bar: show the zero-code values in the progress bar.
 
     Raises:
-        ValueError: If ``keys`` is given without a parametrisation, or names are not strings.
+        ValueError: If ``keys`` is given without a valid parametrisation, or a parametrisation without ``keys``.
+            When ``fit`` starts: if the strategy is not supported, ``metrics`` names something that is not an EMA
+            metric of the module, or there is nothing to smooth.
+        TypeError: If names are not strings. When ``fit`` starts: if the Trainer is one of the other Lightning
+            package (``lightning.pytorch`` versus ``pytorch_lightning``).
 
     """
 
@@ -115,7 +119,7 @@ class _EMACallbackLogic:
         self._own: dict[str, EMAMetric] = {}
         self._tick_open = False
         self._stepped = False
-        self._snapshot: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None
+        self._snapshot: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] | None = None
         self._pending_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ identity and state
@@ -137,7 +141,14 @@ class _EMACallbackLogic:
         """Find the EMA metrics of the module, create the zero-code ones, and check the strategy."""
         if stage != "fit":
             return
+        self._check_flavour(trainer)
         self._check_strategy(trainer)
+        # Nothing carries over from an earlier fit with this instance: its end-of-epoch snapshot would be restored
+        # into this fit's metrics at the first epoch start. A checkpoint to resume from is loaded after `setup`.
+        self._snapshot = None
+        self._pending_restore = None
+        self._tick_open = False
+        self._stepped = False
         found = {name: m for name, m in pl_module.named_modules() if isinstance(m, DecayedSumMetric)}
         if self.metric_names is not None:
             missing = [n for n in self.metric_names if n not in found]
@@ -160,6 +171,22 @@ class _EMACallbackLogic:
         args = self._zero_code_args
         return EMAMetric(
             args["alpha"], half_life=args["half_life"], span=args["span"], com=args["com"], adjust=args["adjust"]
+        )
+
+    def _check_flavour(self, trainer: Any) -> None:
+        """Lightning runs a callback of the other package without complaint; its checks would then mislead."""
+        if isinstance(trainer, self._pl.Trainer):
+            return
+        packages = {"lightning.pytorch": "ema_metrics.lightning", "pytorch_lightning": "ema_metrics.pytorch_lightning"}
+        hint = ""
+        for cls in type(trainer).__mro__:
+            package = next((p for p in packages if f"{cls.__module__}.".startswith(f"{p}.")), None)
+            if package is not None:
+                hint = f" This Trainer comes from `{package}`: use `{packages[package]}.EMACallback`."
+                break
+        raise TypeError(
+            f"{type(self).__module__}.{type(self).__name__} is the callback for `{self._pl.__name__}`, but the"
+            f" Trainer is a {type(trainer).__module__}.{type(trainer).__qualname__}.{hint}"
         )
 
     def _check_strategy(self, trainer: Any) -> None:
@@ -185,10 +212,10 @@ class _EMACallbackLogic:
         """Move the zero-code metrics to the module's device and apply a checkpoint's per-rank states."""
         for m in self._own.values():
             m.to(pl_module.device)
+        self._tick_open = False
         if self._pending_restore is not None:
             self._restore_ranks(self._pending_restore, trainer)
             self._pending_restore = None
-        self._tick_open = False
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Undo Lightning's end-of-epoch ``reset()`` (or restart, with ``reset_on_epoch=True``)."""
@@ -225,17 +252,26 @@ class _EMACallbackLogic:
             self._log_own(pl_module, synced)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook."""
-        self._snapshot = {name: (m._copy_state_dict(), m.get_extra_state()) for name, m in self._named_all()}
+        """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook.
+
+        With manual optimization a tick can still be open here (its optimizer step closes in the next epoch):
+        whether it already decayed is kept too, since ``reset()`` clears that flag.
+        """
+        self._snapshot = {
+            name: (m._copy_state_dict(), m.get_extra_state(), m._tick_decayed) for name, m in self._named_all()
+        }
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Restore the states after the last epoch's reset, so ``compute()`` after ``fit`` still works."""
+        """Restore the states after the last epoch's reset, so ``compute()`` after ``fit`` still works.
+
+        With ``reset_on_epoch=True`` too: the EMAs restart at the *start* of each epoch, so after ``fit`` they hold
+        the last epoch's average (not the empty state of Lightning's reset).
+        """
+        self._restore_snapshot()  # first: the snapshot may hold a tick still open at the last epoch's end
         if self._tick_open:
             for m in self._all():
                 m.end_tick()
             self._tick_open = False
-        if not self.reset_on_epoch:
-            self._restore_snapshot()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -252,7 +288,15 @@ class _EMACallbackLogic:
             per_metric[name] = gathered[:, offset : offset + size].detach().cpu().clone()
             offset += size
         entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, self.state_dict())
-        entry["ranks"] = {"world_size": int(gathered.shape[0]), "metrics": per_metric}
+        entry["ranks"] = {
+            "world_size": int(gathered.shape[0]),
+            "metrics": per_metric,
+            # With manual optimization a checkpoint can fall inside an optimizer step (for example at the end of an
+            # epoch, when the user's accumulation goes on into the next one): the resumed run continues that tick.
+            "tick_open": self._tick_open,
+            "stepped": self._stepped,
+            "tick_decayed": {name: bool(m._tick_decayed) for name, m in named},
+        }
 
     def _restore_ranks(self, saved: dict[str, Any], trainer: Any) -> None:
         world = dist.get_world_size() if _distributed_ready() else 1
@@ -267,6 +311,13 @@ class _EMACallbackLogic:
                 pooled = rows.sum(dim=0)
                 pooled[m._ticks_index()] = rows[0, m._ticks_index()]
                 m._load_packed(pooled if rank == 0 else _zero_but_ticks(pooled, m._ticks_index()))
+        if saved.get("tick_open", False):
+            for name, m in self._named_all():
+                if not m.in_tick:
+                    m.begin_tick()
+                m._tick_decayed = bool(saved["tick_decayed"].get(name, False))
+            self._tick_open = True
+            self._stepped = bool(saved.get("stepped", False))
 
     # ------------------------------------------------------------------ helpers
     def _named_all(self) -> list[tuple[str, DecayedSumMetric]]:
@@ -279,10 +330,11 @@ class _EMACallbackLogic:
             saved = self._snapshot.get(name)
             if saved is None:
                 continue
-            states, extra = saved
+            states, extra, tick_decayed = saved
             for attr, value in states.items():
                 setattr(m, attr, value.clone() if isinstance(value, Tensor) else value)
             m.set_extra_state(extra)
+            m._tick_decayed = tick_decayed and m.in_tick  # an open tick must not decay a second time
             m._computed = None
 
     def _sync_into_forward_cache(self) -> dict[int, Tensor]:
