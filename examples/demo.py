@@ -1,9 +1,12 @@
-"""Demo: raw versus smoothed training loss of a tiny model (plain PyTorch, CPU)."""
+"""Demo: raw versus smoothed training loss of a tiny model (plain PyTorch, CPU).
+
+Run: python examples/demo.py
+"""
 
 from __future__ import annotations
 
 from plain_loop import train
 
 if __name__ == "__main__":
-    for step, raw, smooth in train():
-        print(f"step={step:3d} raw={raw:8.4f} smoothed={smooth:8.4f}")
+    for log in train():
+        print(f"step={log.step:3d} raw={log.raw:8.4f} smoothed={log.smoothed:8.4f}")
