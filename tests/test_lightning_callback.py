@@ -225,8 +225,9 @@ class WithValidation(Regression):
 class CollectiveCounter(pl.Callback):
     """Records every torch.distributed collective: the training batch it ran in, and whether ema_metrics issued it.
 
-    Put it after EMACallback: its batch window then covers the training step and EMACallback's
-    ``on_train_batch_end``. Each rank writes its events to ``out_dir/rank<r>.json`` at teardown.
+    A batch's window runs from its ``on_train_batch_start`` to the next one: EMACallback syncs when Lightning
+    writes the step's metrics to the loggers, after the ``on_train_batch_end`` hooks. Each rank writes its events
+    to ``out_dir/rank<r>.json`` at teardown.
     """
 
     NAMES = (
@@ -267,7 +268,7 @@ class CollectiveCounter(pl.Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.batch = trainer.fit_loop.total_batch_idx
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.batch = None
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

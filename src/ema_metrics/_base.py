@@ -134,6 +134,16 @@ class DecayedSumMetric(Metric):
             return super().__call__(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Move the metric (see :meth:`torch.nn.Module.to`); a move to its own device with no dtype is free.
+
+        Lightning calls ``metric.to(device)`` on every ``self.log(name, metric)``, that is on every micro-batch.
+        """
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None and device is not None and device == self.device:
+            return self
+        return super().to(*args, **kwargs)
+
     def _wrap_update(self, update: Callable[..., Any]) -> Callable[..., Any]:
         """Count updates and clear the cached value; no grad context, since every input is detached."""
 

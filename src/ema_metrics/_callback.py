@@ -34,7 +34,9 @@ class _EMACallbackLogic:
     2. **Sync only when logged, once.** On the steps Lightning logs (``log_every_n_steps``), the callback syncs all
        the EMA metrics of the module together with **one** collective, before Lightning reads the logged value, and
        writes the synced value into each metric's ``forward`` result. Other steps issue no collective, so the
-       progress bar shows the rank-local value between logged steps.
+       progress bar shows the rank-local value between logged steps. Log the metric object,
+       ``self.log(name, self.train_loss)``: a tensor (such as the value ``forward`` returned) is copied by Lightning
+       when it is logged, before the sync, so it would stay rank-local.
     3. **Continuous across epochs.** Lightning calls ``reset()`` on logged metrics at every epoch end; the callback
        restores the EMA state at the start of the next epoch (and at the end of fit). ``reset_on_epoch=True``
        restarts every EMA at the start of each epoch instead (after fit the metrics hold the last epoch's EMA).
@@ -166,6 +168,31 @@ class _EMACallbackLogic:
                 "`exclude`) and has no `keys` to smooth. Add an EMA metric to the module, or pass e.g."
                 " keys={'loss': 'train_loss_ema'}, half_life=50."
             )
+        self._install_sync(trainer)
+
+    def _install_sync(self, trainer: Any) -> None:
+        """Sync right before Lightning writes the step's metrics to the loggers, and only then.
+
+        Lightning decides to log a step in ``update_train_step_metrics``, after every ``on_train_batch_end`` hook;
+        a later hook (the module's own, or the ``max_time`` timer) may still set ``should_stop``, which makes
+        Lightning log. So the sync runs inside that call, with Lightning's own predicate, and not in a hook.
+        """
+        connector = trainer._logger_connector
+        original = connector.update_train_step_metrics
+
+        def update_train_step_metrics() -> None:
+            if _lightning_logs_now(trainer, trainer.lightning_module.automatic_optimization):
+                self._sync_into_forward_cache()
+            original()
+
+        connector.update_train_step_metrics = update_train_step_metrics
+        self._installed_on = connector
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Remove the sync hook installed by :meth:`setup`."""
+        connector = self.__dict__.pop("_installed_on", None)
+        if connector is not None:
+            connector.__dict__.pop("update_train_step_metrics", None)
 
     def _new_own_metric(self) -> EMAMetric:
         args = self._zero_code_args
@@ -238,7 +265,10 @@ class _EMACallbackLogic:
         self._stepped = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Feed zero-code metrics, close the tick after an optimizer step, and sync if Lightning logs now."""
+        """Feed and log the zero-code metrics, and close the tick after an optimizer step.
+
+        The sync itself runs later, when Lightning writes the step's metrics (see :meth:`_install_sync`).
+        """
         automatic = pl_module.automatic_optimization
         if self._own:
             self._update_own(trainer, outputs, batch, automatic)
@@ -247,9 +277,8 @@ class _EMACallbackLogic:
             for m in self._all():
                 m.end_tick()
             self._tick_open = False
-        synced = self._sync_into_forward_cache() if _lightning_logs_now(trainer, automatic) else None
-        if self._own and (synced is not None or self.prog_bar):
-            self._log_own(pl_module, synced)
+        if self._own:
+            self._log_own(pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook.
@@ -337,18 +366,16 @@ class _EMACallbackLogic:
             m._tick_decayed = tick_decayed and m.in_tick  # an open tick must not decay a second time
             m._computed = None
 
-    def _sync_into_forward_cache(self) -> dict[int, Tensor]:
+    def _sync_into_forward_cache(self) -> None:
         """Sync every EMA metric with one collective; put the values where Lightning will read them."""
         metrics = self._all()
-        values = synced_values(metrics)
-        for m, value in zip(metrics, values, strict=True):
+        for m, value in zip(metrics, synced_values(metrics), strict=True):
             cache = m._forward_cache
             if isinstance(cache, Tensor) and cache.shape == value.shape and cache.dtype == value.dtype:
                 # Lightning holds this very tensor since `self.log(name, metric)`: update it in place.
                 cache.copy_(value)
             else:
                 m.__dict__["_forward_cache"] = value
-        return {id(m): v for m, v in zip(metrics, values, strict=True)}
 
     def _update_own(self, trainer: Any, outputs: Any, batch: Any, automatic: bool) -> None:
         if not isinstance(outputs, Mapping):
@@ -363,7 +390,7 @@ class _EMACallbackLogic:
             value = outputs[key]
             if automatic and key == "loss" and isinstance(value, Tensor):
                 value = value * trainer.accumulate_grad_batches  # Lightning divided it for the backward pass
-            m.update(value, weight=weight)
+            m(value, weight=weight)  # forward: its result is what Lightning logs, synced in place on logged steps
 
     def _batch_weight(self, batch: Any) -> float:
         if not self.weight_by_batch_size:
@@ -377,20 +404,17 @@ class _EMACallbackLogic:
                 " weight_by_batch_size=False"
             ) from err
 
-    def _log_own(self, pl_module: Any, synced: dict[int, Tensor] | None) -> None:
+    def _log_own(self, pl_module: Any) -> None:
+        # Logged as Metric objects: Lightning then reads their forward result when it logs (a logged tensor would
+        # be copied at `log` time, before the sync).
         for key, m in self._own.items():
-            if synced is not None:
-                value = synced[id(m)]
-            else:
-                value = m._value_from_states({n: getattr(m, n) for n in m._state_names()})
             pl_module.log(
                 self.keys[key],
-                value,
+                m,
                 on_step=True,
                 on_epoch=False,
                 prog_bar=self.prog_bar,
-                sync_dist=False,
-                batch_size=1,
+                metric_attribute=f"EMACallback.keys.{key}",
             )
 
 

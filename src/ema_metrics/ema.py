@@ -363,8 +363,10 @@ class EMAMetric(DecayedSumMetric):
                 default = this._defaults["sums"]
                 if isinstance(default, Tensor):
                     this._defaults["sums"] = default.to(device=this.device)
-            this.__dict__["_hot"] = None
-            this._factor_cache.clear()
+            hot = this.__dict__.get("_hot")
+            if hot is None or hot.sums is not this.sums:  # the state moved: rebuild the per-device constants
+                this.__dict__["_hot"] = None
+                this._factor_cache.clear()
         return this
 
     def extra_repr(self) -> str:
