@@ -119,3 +119,45 @@ def test_same_curve_whatever_accumulation_and_world_size(tmp_path: Path) -> None
     for label, curve in curves.items():
         assert [s for s, _ in curve] == [s for s, _ in reference], label
         assert [v for _, v in curve] == pytest.approx([v for _, v in reference], rel=1e-5), label
+
+
+class StoppingModule(RegressionModule):
+    """Sets ``should_stop`` in its own ``on_train_batch_end``, after the callbacks' hooks ran."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loop = self.trainer.fit_loop
+        if loop.epoch_loop._batches_that_stepped == STOP_AT and not loop._should_accumulate():
+            self.trainer.should_stop = True
+
+
+STOP_AT = 6  # not a multiple of LOG_EVERY - 1: Lightning logs this step only because it stops
+
+
+@pytest.mark.lightning
+@pytest.mark.slow
+def test_a_late_stop_still_logs_the_pooled_value(tmp_path: Path) -> None:
+    require_gloo()
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    model = StoppingModule(str(record_dir), world_size=2, batch_size=B)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        log_every_n_steps=LOG_EVERY,
+        logger=pl.loggers.CSVLogger(tmp_path / "logs"),
+        callbacks=[EMACallback()],
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    oracle = ema_oracle(read_records(record_dir), HALF_LIFE)
+    curve = read_csv_metric(tmp_path / "logs", "train_loss")
+    assert curve[-1][0] == STOP_AT
+    assert [v for _, v in curve] == pytest.approx([oracle[s] for s, _ in curve], rel=1e-6)
