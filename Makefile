@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/lightning_demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks
