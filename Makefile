@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/lightning_demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks notebooks
 	$(BIN)/mypy
 
 test: lint
