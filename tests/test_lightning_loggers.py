@@ -1,13 +1,15 @@
-"""MLflow (local file store) logs the same smoothed points as the CSV logger: one per logged optimizer step."""
+"""MLflow (local file store) and W&B (offline) log the same smoothed points as the CSV logger, read back from disk."""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `ema_metrics[lightning]`")
-mlflow_client = pytest.importorskip("mlflow.tracking", reason="MLflow is in the `test` extra (mlflow-skinny)")
 
 from ema_metrics.lightning import EMACallback  # noqa: E402
 from tests.lightning_helpers import ema_oracle, read_csv_metric, read_records  # noqa: E402
@@ -18,6 +20,7 @@ from tests.test_lightning_acceptance import HALF_LIFE, LOG_EVERY, STEPS, B, Regr
 def test_mlflow_file_store_reads_back_one_point_per_logged_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    mlflow_client = pytest.importorskip("mlflow.tracking", reason="MLflow is in the `test` extra (mlflow-skinny)")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     record_dir = tmp_path / "records"
     record_dir.mkdir()
@@ -46,3 +49,77 @@ def test_mlflow_file_store_reads_back_one_point_per_logged_step(
     assert [v for _, v in from_mlflow] == pytest.approx([v for _, v in from_csv], rel=1e-12)
     oracle = ema_oracle(read_records(record_dir), HALF_LIFE)
     assert [v for _, v in from_mlflow] == pytest.approx([oracle[s] for s in expected_steps], rel=1e-6)
+
+
+def _read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """History rows of an offline W&B run: a LevelDB-style log of protobuf records (32 KiB blocks, 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, header = 32768, 7
+    pos, pending, records = header, b"", []
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + header : pos + header + length]
+        pos += header + length
+        if kind == 1:  # full record
+            records.append(chunk)
+        elif kind in (2, 3):  # first, middle
+            pending += chunk
+        elif kind == 4:  # last
+            records.append(pending + chunk)
+            pending = b""
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows
+
+
+@pytest.mark.lightning
+def test_wandb_offline_run_reads_back_one_point_per_logged_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb", reason="W&B is in the `test` extra")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    wandb_logger = pl.loggers.WandbLogger(save_dir=str(tmp_path), offline=True, project="ema")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        log_every_n_steps=LOG_EVERY,
+        logger=[pl.loggers.CSVLogger(tmp_path / "csv"), wandb_logger],
+        callbacks=[EMACallback()],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(RegressionModule(str(record_dir), batch_size=B))
+    wandb_logger.experiment.finish()
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = [r for r in _read_wandb_history(run_file) if "train_loss" in r]
+    from_wandb = [(int(r["trainer/global_step"]), float(r["train_loss"])) for r in rows]
+    expected_steps = [s for s in range(STEPS) if (s + 1) % LOG_EVERY == 0]
+    assert [s for s, _ in from_wandb] == expected_steps
+    from_csv = read_csv_metric(tmp_path / "csv", "train_loss")
+    assert [v for _, v in from_wandb] == pytest.approx([v for _, v in from_csv], rel=1e-12)
+    oracle = ema_oracle(read_records(record_dir), HALF_LIFE)
+    assert [v for _, v in from_wandb] == pytest.approx([oracle[s] for s in expected_steps], rel=1e-6)
