@@ -15,24 +15,20 @@ from ema_metrics.lightning import EMACallback  # noqa: E402
 from tests.lightning_helpers import ema_oracle, read_csv_metric, read_records  # noqa: E402
 from tests.test_lightning_acceptance import HALF_LIFE, LOG_EVERY, STEPS, B, RegressionModule  # noqa: E402
 
+EXPECTED_STEPS = [s for s in range(STEPS) if (s + 1) % LOG_EVERY == 0]
 
-@pytest.mark.lightning
-def test_mlflow_file_store_reads_back_one_point_per_logged_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    mlflow_client = pytest.importorskip("mlflow.tracking", reason="MLflow is in the `test` extra (mlflow-skinny)")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+
+def _fit_and_check(tmp_path: Path, logger: Any, read_back: Any) -> None:
+    """Fit with the CSV logger and ``logger``; ``read_back()`` gives ``logger``'s (step, train_loss) points."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    uri = f"file:{tmp_path / 'mlruns'}"
-    mlflow = pl.loggers.MLFlowLogger(experiment_name="ema", tracking_uri=uri)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
         max_epochs=1,
         accumulate_grad_batches=4,
         log_every_n_steps=LOG_EVERY,
-        logger=[pl.loggers.CSVLogger(tmp_path / "csv"), mlflow],
+        logger=[pl.loggers.CSVLogger(tmp_path / "csv"), logger],
         callbacks=[EMACallback()],
         limit_val_batches=0,
         enable_checkpointing=False,
@@ -40,15 +36,29 @@ def test_mlflow_file_store_reads_back_one_point_per_logged_step(
         enable_model_summary=False,
     )
     trainer.fit(RegressionModule(str(record_dir), batch_size=B))
-    history = mlflow_client.MlflowClient(uri).get_metric_history(mlflow.run_id, "train_loss")
-    from_mlflow = sorted((m.step, m.value) for m in history)
-    expected_steps = [s for s in range(STEPS) if (s + 1) % LOG_EVERY == 0]
-    assert [s for s, _ in from_mlflow] == expected_steps
+    points = read_back()
+    assert [s for s, _ in points] == EXPECTED_STEPS  # one point per logged optimizer step
     from_csv = read_csv_metric(tmp_path / "csv", "train_loss")
-    assert [s for s, _ in from_csv] == expected_steps
-    assert [v for _, v in from_mlflow] == pytest.approx([v for _, v in from_csv], rel=1e-12)
+    assert [s for s, _ in from_csv] == EXPECTED_STEPS
+    assert [v for _, v in points] == pytest.approx([v for _, v in from_csv], rel=1e-12)
     oracle = ema_oracle(read_records(record_dir), HALF_LIFE)
-    assert [v for _, v in from_mlflow] == pytest.approx([oracle[s] for s in expected_steps], rel=1e-6)
+    assert [v for _, v in points] == pytest.approx([oracle[s] for s in EXPECTED_STEPS], rel=1e-6)
+
+
+@pytest.mark.lightning
+def test_mlflow_file_store_reads_back_one_point_per_logged_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mlflow_client = pytest.importorskip("mlflow.tracking", reason="MLflow is in the `test` extra (mlflow-skinny)")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    uri = f"file:{tmp_path / 'mlruns'}"
+    mlflow = pl.loggers.MLFlowLogger(experiment_name="ema", tracking_uri=uri)
+
+    def read_back() -> list[tuple[int, float]]:
+        history = mlflow_client.MlflowClient(uri).get_metric_history(mlflow.run_id, "train_loss")
+        return sorted((m.step, m.value) for m in history)
+
+    _fit_and_check(tmp_path, mlflow, read_back)
 
 
 def _read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
@@ -96,30 +106,12 @@ def test_wandb_offline_run_reads_back_one_point_per_logged_step(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    record_dir = tmp_path / "records"
-    record_dir.mkdir()
     wandb_logger = pl.loggers.WandbLogger(save_dir=str(tmp_path), offline=True, project="ema")
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_epochs=1,
-        accumulate_grad_batches=4,
-        log_every_n_steps=LOG_EVERY,
-        logger=[pl.loggers.CSVLogger(tmp_path / "csv"), wandb_logger],
-        callbacks=[EMACallback()],
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(RegressionModule(str(record_dir), batch_size=B))
-    wandb_logger.experiment.finish()
-    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    rows = [r for r in _read_wandb_history(run_file) if "train_loss" in r]
-    from_wandb = [(int(r["trainer/global_step"]), float(r["train_loss"])) for r in rows]
-    expected_steps = [s for s in range(STEPS) if (s + 1) % LOG_EVERY == 0]
-    assert [s for s, _ in from_wandb] == expected_steps
-    from_csv = read_csv_metric(tmp_path / "csv", "train_loss")
-    assert [v for _, v in from_wandb] == pytest.approx([v for _, v in from_csv], rel=1e-12)
-    oracle = ema_oracle(read_records(record_dir), HALF_LIFE)
-    assert [v for _, v in from_wandb] == pytest.approx([oracle[s] for s in expected_steps], rel=1e-6)
+
+    def read_back() -> list[tuple[int, float]]:
+        wandb_logger.experiment.finish()  # flush the run file
+        (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+        rows = [r for r in _read_wandb_history(run_file) if "train_loss" in r]
+        return [(int(r["trainer/global_step"]), float(r["train_loss"])) for r in rows]
+
+    _fit_and_check(tmp_path, wandb_logger, read_back)
