@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import logging
 import math
@@ -115,6 +116,12 @@ class DemoModule(pl.LightningModule):
     def on_train_end(self) -> None:
         path = Path(self.record_dir) / f"rank{self.global_rank}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in self._raw))
+        # Free the DDP wrapper while the process group still exists: collected after it (it sits in a reference
+        # cycle), gloo can abort the worker at exit with "terminate called without an active exception".
+        strategy = self.trainer.strategy
+        if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+            strategy.model = self
+            gc.collect()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
