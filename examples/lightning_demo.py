@@ -1,10 +1,10 @@
-"""Lightning demo: the raw per-micro-batch loss, the loss logged by ``EMAMetric`` + ``EMACallback``, and the
+"""Lightning demo: the raw per-micro-batch loss, the loss logged by ``EMAMetric`` + ``EMAMetricsCallback``, and the
 validation loss, on one optimizer-step axis.
 
 A real Lightning run on CPU: 2 processes (``strategy="ddp_spawn"``, gloo), ``accumulate_grad_batches=4``, a small
 MLP on noisy synthetic regression data, over 2 epochs. The module smooths its training loss with
-``self.train_loss = EMAMetric(half_life=...)`` logged ``on_step``; ``EMACallback`` makes every logged point the exact
-EMA over optimizer steps of the loss pooled over all micro-batches of all processes, continuous across the epoch
+``self.train_loss = EMAMetric(half_life=...)`` logged ``on_step``; ``EMAMetricsCallback`` makes every logged point the
+exact EMA over optimizer steps of the loss pooled over all micro-batches of all processes, continuous across the epoch
 boundary. Every process also records its raw loss of every micro-batch in ``<out>/raw_losses/rank<r>.jsonl``
 (Lightning itself logs nothing on accumulating micro-batches). After ``fit`` the main process reads the CSV log back
 and draws ``<out>/ema_demo.png``.
@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ema_metrics import EMAMetric
-from ema_metrics.lightning import EMACallback
+from ema_metrics.lightning import EMAMetricsCallback
 
 N_FEATURES = 8
 NOISE = 1.0  # standard deviation of the label noise: the per-micro-batch loss is visibly noisy
@@ -81,7 +81,7 @@ class DemoModule(pl.LightningModule):
             torch.nn.Linear(N_FEATURES, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh()
         )
         self.head = torch.nn.Linear(64, 1)
-        self.train_loss = EMAMetric(half_life=half_life)  # half-life in optimizer steps, thanks to EMACallback
+        self.train_loss = EMAMetric(half_life=half_life)  # half-life in optimizer steps, thanks to EMAMetricsCallback
         self.micro_batch = micro_batch
         self.lr = lr
         self.train_data = make_data(train_size, seed + 1)
@@ -207,7 +207,7 @@ def plot(
         [v for _, v in train],
         color="tab:red",
         linewidth=2,
-        label=f"logged train_loss: EMAMetric(half_life={half_life:g}) + EMACallback",
+        label=f"logged train_loss: EMAMetric(half_life={half_life:g}) + EMAMetricsCallback",
     )
     val = curves["val_loss"]
     ax.plot(
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pl.loggers.CSVLogger(out, name="", version="csv"),
             pl.loggers.TensorBoardLogger(out, name="", version="tensorboard", default_hp_metric=False),
         ],
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         default_root_dir=out,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ema_metrics.lightning import EMACallback
+from ema_metrics.lightning import EMAMetricsCallback
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES_DIR) not in sys.path:  # also runs in processes started by DDP, which import this module
@@ -86,7 +86,7 @@ class Run:
     accumulate: int
     devices: int
     micro_batch: int
-    train_loss: Curve  # EMAMetric + EMACallback, one point per optimizer step
+    train_loss: Curve  # EMAMetric + EMAMetricsCallback, one point per optimizer step
     raw_loss: Curve  # self.log("raw_loss", loss, on_step=True)
     raw: list[dict[str, Any]]  # every micro-batch's loss, from every process
     fit_seconds: float
@@ -159,7 +159,7 @@ def fit(
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,
         logger=pl.loggers.CSVLogger(out, name="", version="csv"),
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         use_distributed_sampler=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,

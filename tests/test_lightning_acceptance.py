@@ -17,7 +17,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `ema_metrics[lightning]`")
 
 from ema_metrics import EMAMetric  # noqa: E402
-from ema_metrics.lightning import EMACallback  # noqa: E402
+from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
     IndexedData,
@@ -80,7 +80,7 @@ def _fit(tmp: Path, accumulate: int, batch_size: int, devices: int) -> tuple[Pat
         accumulate_grad_batches=accumulate,
         log_every_n_steps=LOG_EVERY,
         logger=[pl.loggers.CSVLogger(log_dir, name="csv"), pl.loggers.TensorBoardLogger(log_dir, name="tb")],
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         use_distributed_sampler=False,
         limit_val_batches=0,
         enable_checkpointing=False,
@@ -149,7 +149,7 @@ def test_a_late_stop_still_logs_the_pooled_value(tmp_path: Path) -> None:
         accumulate_grad_batches=2,
         log_every_n_steps=LOG_EVERY,
         logger=pl.loggers.CSVLogger(tmp_path / "logs"),
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         use_distributed_sampler=False,
         limit_val_batches=0,
         enable_checkpointing=False,

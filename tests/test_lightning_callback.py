@@ -1,4 +1,4 @@
-"""EMACallback (``lightning.pytorch`` flavour) against independent references.
+"""EMAMetricsCallback (``lightning.pytorch`` flavour) against independent references.
 
 Every check reads the logged curve back from the CSV (or TensorBoard) files written by Lightning's loggers and
 compares it with a float64 oracle recomputed from the per-sample values recorded during training, or compares a
@@ -28,7 +28,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `
 
 import ema_metrics  # noqa: E402
 from ema_metrics import EMAMetric  # noqa: E402
-from ema_metrics.lightning import EMACallback  # noqa: E402
+from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
     N_FEATURES,
@@ -225,7 +225,7 @@ class WithValidation(Regression):
 class CollectiveCounter(pl.Callback):
     """Records every torch.distributed collective: the training batch it ran in, and whether ema_metrics issued it.
 
-    A batch's window runs from its ``on_train_batch_start`` to the next one: EMACallback syncs when Lightning
+    A batch's window runs from its ``on_train_batch_start`` to the next one: EMAMetricsCallback syncs when Lightning
     writes the step's metrics to the loggers, after the ``on_train_batch_end`` hooks. Each rank writes its events
     to ``out_dir/rank<r>.json`` at teardown.
     """
@@ -369,7 +369,7 @@ class ResumeRuns:
     def _fit(self, name: str, devices: int, epochs: int, ckpt_path: Path | None = None, save: bool = False) -> Run:
         root = self.root / name
         model = Regression(str(root / "records"), n_samples=N_RESUME, world_size=devices, dict_output=True)
-        callbacks: list[Any] = [EMACallback(keys=ZERO_CODE, half_life=HALF_LIFE)]
+        callbacks: list[Any] = [EMAMetricsCallback(keys=ZERO_CODE, half_life=HALF_LIFE)]
         if save:
             callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", filename="first"))
         trainer = _trainer(
@@ -430,7 +430,7 @@ def test_curve_continues_across_epochs_and_survives_the_final_reset(runs: Resume
 @pytest.mark.lightning
 def test_reset_on_epoch_restarts_each_epoch(tmp_path: Path) -> None:
     model = Regression(str(tmp_path / "records"), n_samples=N_RESUME, dict_output=True)
-    callback = EMACallback(keys=ZERO_CODE, half_life=HALF_LIFE, reset_on_epoch=True)
+    callback = EMAMetricsCallback(keys=ZERO_CODE, half_life=HALF_LIFE, reset_on_epoch=True)
     trainer = _trainer(tmp_path, epochs=2, accumulate=4, log_every=LOG_EVERY, callbacks=[callback])
     trainer.fit(model)
     per_step = _records(tmp_path, "step")
@@ -450,7 +450,7 @@ def test_reset_on_epoch_restarts_each_epoch(tmp_path: Path) -> None:
 @pytest.mark.lightning
 def test_one_callback_instance_for_two_fits(tmp_path: Path) -> None:
     """A second fit with the same callback starts from scratch (nothing of the first fit's EMA leaks into it)."""
-    callback = EMACallback(keys=ZERO_CODE, half_life=HALF_LIFE)
+    callback = EMAMetricsCallback(keys=ZERO_CODE, half_life=HALF_LIFE)
     curves = []
     for i in range(2):
         root = tmp_path / f"fit{i}"
@@ -468,7 +468,7 @@ def test_one_callback_instance_for_two_fits(tmp_path: Path) -> None:
 def _check_checkpoint(path: Path, world_size: int) -> dict[str, torch.Tensor]:
     """The checkpoint loads with ``weights_only=True`` and holds every rank's state of every driven metric."""
     ckpt = torch.load(path, weights_only=True)
-    (entry,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("EMACallback")]
+    (entry,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("EMAMetricsCallback")]
     assert entry["ranks"]["world_size"] == world_size
     metrics: dict[str, torch.Tensor] = entry["ranks"]["metrics"]
     assert sorted(metrics) == ["keys/loss", "train_loss"]
@@ -541,23 +541,34 @@ def test_resume_on_another_number_of_processes(runs: ResumeRuns) -> None:
 @pytest.mark.lightning
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_one_collective_per_logged_step_for_all_metrics(tmp_path: Path) -> None:
-    """3 module metrics + 1 zero-code metric, 2 processes, accumulate 2: exactly one all_gather per logged step."""
+@pytest.mark.parametrize("sync", ["step", "logged"])
+def test_one_collective_per_step_for_all_metrics_of_all_instances(tmp_path: Path, sync: str) -> None:
+    """3 module metrics + 1 zero-code metric in a second instance, 2 processes, accumulate 2.
+
+    ``sync="step"``: exactly one all_gather per optimizer step (at its last micro-batch), for both instances
+    together; ``sync="logged"``: one per logged step. Plus one after fit, which leaves every rank the pooled state.
+    """
     require_gloo()
     n_steps, k, log_every = 7, 2, 3
     model = ThreeMetrics(str(tmp_path / "records"), n_samples=n_steps * k * B * 2, world_size=2, dict_output=True)
-    callbacks = [EMACallback(keys=ZERO_CODE, half_life=HALF_LIFE), CollectiveCounter(str(tmp_path / "events"))]
+    callbacks = [
+        EMAMetricsCallback(sync=sync),
+        EMAMetricsCallback(metrics=[], keys=ZERO_CODE, half_life=HALF_LIFE, sync=sync),
+        CollectiveCounter(str(tmp_path / "events")),
+    ]
     trainer = _trainer(tmp_path, devices=2, accumulate=k, log_every=log_every, callbacks=callbacks)
     trainer.fit(model)
 
     logged = _logged_steps(n_steps, log_every)
     assert logged == [2, 5]
-    last_micro_batch = [(s + 1) * k - 1 for s in logged]
+    synced = logged if sync == "logged" else list(range(n_steps))
+    last_micro_batch = [(s + 1) * k - 1 for s in synced]
     for rank in range(2):
         events = [tuple(e) for e in json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())]
         assert any(not from_ema for _, _, from_ema in events)  # the counter does see Lightning's own collectives
         from_ema = [(batch, name) for batch, name, ema in events if ema]
-        assert from_ema == [(b, "all_gather") for b in last_micro_batch], f"rank {rank}: {events}"
+        expected = [(b, "all_gather") for b in last_micro_batch] + [(None, "all_gather")]
+        assert from_ema == expected, f"rank {rank}: {events}"
 
     oracles = {
         "train_loss": ema_oracle(_records(tmp_path, "step"), HALF_LIFE),
@@ -596,7 +607,7 @@ def test_manual_accumulation_ticks_on_real_optimizer_steps(tmp_path: Path) -> No
     """
     k, batches_per_epoch, log_every = 3, 7, 2
     model = ManualAccumulation(str(tmp_path / "records"), k=k, n_samples=batches_per_epoch * B)
-    trainer = _trainer(tmp_path, epochs=2, log_every=log_every, callbacks=[EMACallback()])
+    trainer = _trainer(tmp_path, epochs=2, log_every=log_every, callbacks=[EMAMetricsCallback()])
     trainer.fit(model)
 
     per_batch = _records(tmp_path, "batch")
@@ -632,7 +643,7 @@ def test_manual_accumulation_resumed_with_a_step_open_at_the_checkpoint(tmp_path
     ckpt_dir = first / "ckpt"
     for root, epochs, ckpt_path in ((first, 1, None), (resumed, 2, ckpt_dir / "first.ckpt")):
         model = ManualAccumulation(str(tmp_path / "records"), k=k, n_samples=batches_per_epoch * B)
-        callbacks: list[Any] = [EMACallback()]
+        callbacks: list[Any] = [EMAMetricsCallback()]
         if ckpt_path is None:
             callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="first"))
         trainer = _trainer(
@@ -658,7 +669,7 @@ def test_manual_accumulation_resumed_with_a_step_open_at_the_checkpoint(tmp_path
 def test_two_optimizers_stepping_in_one_batch_make_one_tick(tmp_path: Path) -> None:
     n_batches = 6
     model = TwoOptimizers(str(tmp_path / "records"), n_samples=n_batches * B)
-    trainer = _trainer(tmp_path, log_every=1, callbacks=[EMACallback()])
+    trainer = _trainer(tmp_path, log_every=1, callbacks=[EMAMetricsCallback()])
     trainer.fit(model)
     per_batch = _records(tmp_path, "batch")  # both players' per-sample losses, per batch
     assert sorted(per_batch) == list(range(n_batches))
@@ -692,7 +703,7 @@ def test_zero_code_mode_with_accumulation(tmp_path: Path) -> None:
     single micro-batch of 1 sample, still divided by 2 by Lightning.
     """
     model = Regression(str(tmp_path / "records"), n_samples=19, batch_size=3, metric=False, dict_output=True)
-    callback = EMACallback(keys={"loss": "train_loss_ema"}, half_life=HALF_LIFE)
+    callback = EMAMetricsCallback(keys={"loss": "train_loss_ema"}, half_life=HALF_LIFE)
     trainer = _trainer(tmp_path, accumulate=2, log_every=1, callbacks=[callback], tensorboard=True)
     trainer.fit(model)
     _check_zero_code(tmp_path, n_steps=4, log_every=1, samples_per_step=[6, 6, 6, 1])
@@ -710,7 +721,7 @@ def test_zero_code_mode_two_processes(tmp_path: Path) -> None:
     model = Regression(
         str(tmp_path / "records"), n_samples=38, batch_size=3, world_size=2, metric=False, dict_output=True
     )
-    callback = EMACallback(keys={"loss": "train_loss_ema"}, half_life=HALF_LIFE)
+    callback = EMAMetricsCallback(keys={"loss": "train_loss_ema"}, half_life=HALF_LIFE)
     trainer = _trainer(tmp_path, devices=2, accumulate=2, log_every=1, callbacks=[callback])
     trainer.fit(model)
     # 19 samples per rank: micro-batches 3,3 | 3,3 | 3,3 | 1 on each rank
@@ -760,7 +771,7 @@ def test_without_callback_the_metric_ticks_per_micro_batch(tmp_path: Path, devic
 def test_metrics_left_out_keep_ticking_per_micro_batch(tmp_path: Path, selection: dict[str, list[str]]) -> None:
     n_steps, k = 4, 2
     model = TwoLosses(str(tmp_path / "records"), n_samples=n_steps * k * B)
-    trainer = _trainer(tmp_path, accumulate=k, log_every=1, callbacks=[EMACallback(**selection)])
+    trainer = _trainer(tmp_path, accumulate=k, log_every=1, callbacks=[EMAMetricsCallback(**selection)])
     trainer.fit(model)
     by_step = ema_oracle(_records(tmp_path, "step"), HALF_LIFE)
     by_micro = ema_oracle(_records(tmp_path, "micro"), HALF_LIFE)
@@ -782,7 +793,7 @@ def test_validation_points_share_the_step_axis(tmp_path: Path) -> None:
         tmp_path,
         accumulate=k,
         log_every=1,
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         limit_val_batches=None,
         val_check_interval=4,
         num_sanity_val_steps=0,

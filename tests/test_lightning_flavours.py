@@ -1,4 +1,4 @@
-"""The two flavours of EMACallback: ``ema_metrics.pytorch_lightning`` works like ``ema_metrics.lightning``, and a
+"""The two flavours of EMAMetricsCallback: ``ema_metrics.pytorch_lightning`` works like ``ema_metrics.lightning``, and a
 callback of one package in a Trainer of the other fails at once with a message that names the right class.
 
 Lightning accepts a callback of the other package without complaint (it only calls its hooks), so the check is the
@@ -86,12 +86,12 @@ def _trainer(package: Any, root: Path, callback: Any, **kwargs: Any) -> Any:
 
 @pytest.mark.lightning
 def test_pytorch_lightning_flavour_matches_the_oracle(tmp_path: Path) -> None:
-    """pytorch_lightning.Trainer + ema_metrics.pytorch_lightning.EMACallback, accumulate 2 (and zero-code mode)."""
+    """pytorch_lightning.Trainer + ema_metrics.pytorch_lightning.EMAMetricsCallback, accumulate 2, and zero-code."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     n_steps, k = 5, 2
     model = PtlModule(str(record_dir), n_samples=n_steps * k * B)
-    callback = ema_metrics.pytorch_lightning.EMACallback(keys={"loss": "loss_ema"}, half_life=HALF_LIFE)
+    callback = ema_metrics.pytorch_lightning.EMAMetricsCallback(keys={"loss": "loss_ema"}, half_life=HALF_LIFE)
     trainer = _trainer(ptl, tmp_path, callback, accumulate_grad_batches=k, log_every_n_steps=1)
     trainer.fit(model)
     per_step = read_records(record_dir)
@@ -109,8 +109,8 @@ def test_pytorch_lightning_flavour_matches_the_oracle(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("trainer_package", "module_class", "callback_class", "right_class"),
     [
-        (pl, LitModule, ema_metrics.pytorch_lightning.EMACallback, "ema_metrics.lightning.EMACallback"),
-        (ptl, PtlModule, ema_metrics.lightning.EMACallback, "ema_metrics.pytorch_lightning.EMACallback"),
+        (pl, LitModule, ema_metrics.pytorch_lightning.EMAMetricsCallback, "ema_metrics.lightning.EMAMetricsCallback"),
+        (ptl, PtlModule, ema_metrics.lightning.EMAMetricsCallback, "ema_metrics.pytorch_lightning.EMAMetricsCallback"),
     ],
     ids=["lightning-trainer-with-pytorch_lightning-callback", "pytorch_lightning-trainer-with-lightning-callback"],
 )

@@ -11,7 +11,7 @@ import pytest
 
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `ema_metrics[lightning]`")
 
-from ema_metrics.lightning import EMACallback  # noqa: E402
+from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.lightning_helpers import ema_oracle, read_csv_metric, read_records  # noqa: E402
 from tests.test_lightning_acceptance import HALF_LIFE, LOG_EVERY, STEPS, B, RegressionModule  # noqa: E402
 
@@ -29,7 +29,7 @@ def _fit_and_check(tmp_path: Path, logger: Any, read_back: Any) -> None:
         accumulate_grad_batches=4,
         log_every_n_steps=LOG_EVERY,
         logger=[pl.loggers.CSVLogger(tmp_path / "csv"), logger],
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         limit_val_batches=0,
         enable_checkpointing=False,
         enable_progress_bar=False,

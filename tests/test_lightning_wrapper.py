@@ -17,7 +17,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `
 from torchmetrics.classification import BinaryAccuracy  # noqa: E402
 
 from ema_metrics import EMAWrapper  # noqa: E402
-from ema_metrics.lightning import EMACallback  # noqa: E402
+from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import IndexedData, loader, read_csv_metric, read_records, write_records  # noqa: E402
 
@@ -91,7 +91,7 @@ def test_wrapper_ticks_once_per_optimizer_step(tmp_path: Path, devices: int, acc
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,
         logger=pl.loggers.CSVLogger(tmp_path / "logs"),
-        callbacks=[EMACallback()],
+        callbacks=[EMAMetricsCallback()],
         use_distributed_sampler=False,
         limit_val_batches=0,
         enable_checkpointing=False,

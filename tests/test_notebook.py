@@ -100,7 +100,7 @@ def test_notebook_runs_and_shows_what_it_claims(tmp_path: Path) -> None:
 
     stdout = "".join(o.text for o in code_cells[-1].outputs if o.output_type == "stream" and o.name == "stdout")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    # the EMA + EMACallback curves of the five layouts coincide; what `self.log(loss, on_step=True)` logs does not
+    # the EMA + EMAMetricsCallback curves of the five layouts coincide; `self.log(loss, on_step=True)` ones do not
     assert summary["ema_max_rel_diff_across_layouts"] < 1e-5
     assert summary["raw_max_rel_diff_across_layouts"] > 1e-3
     # and the EMA curves are the pandas EWM of the per-step loss pooled over all micro-batches and processes

@@ -101,6 +101,10 @@ class DecayedSumMetric(Metric):
         self._ticks = 0
         self._in_tick = False
         self._tick_decayed = False
+        # True while the states hold the pooled state of every rank, identical on each (loaded from a checkpoint
+        # written by the Lightning callback, or after a fit): a sync then counts it once, and the first tick keeps it
+        # on rank 0 only (see `_dereplicate`).
+        self._replica = False
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         # A constant, local state unique to this instance. torchmetrics' MetricCollection merges metrics whose
@@ -238,6 +242,8 @@ class DecayedSumMetric(Metric):
         """
         if self._in_tick:
             raise RuntimeError(f"{type(self).__name__}.begin_tick() was called while a tick is already open")
+        if self._replica:
+            self._dereplicate()
         self._in_tick = True
         self._tick_decayed = False
 
@@ -314,7 +320,23 @@ class DecayedSumMetric(Metric):
         super().reset()
         self._ticks = 0
         self._tick_decayed = False
+        self._replica = False
         self._reset_counters()
+
+    def _dereplicate(self) -> None:
+        """Before the first tick on a pooled replica, keep the pooled state on rank 0 only (the others start at 0).
+
+        Every rank holds the same pooled state; summed across ranks it would count ``world_size`` times. The tick
+        count is kept everywhere, so the ranks stay in step.
+        """
+        self.__dict__["_replica"] = False
+        group = self.process_group
+        rank = dist.get_rank(group) if _distributed_ready() else 0
+        if rank != 0:
+            for name in self._state_names():
+                getattr(self, name).zero_()
+            self._set_extra_counters({name: 0 for name in self._extra_counters()})
+        self._computed = None
 
     def _reset_counters(self) -> None:
         """Reset Python-side counters of subclasses (hook)."""
@@ -328,7 +350,13 @@ class DecayedSumMetric(Metric):
 
     def get_extra_state(self) -> dict[str, Any]:
         """Tick count and counters, saved in ``state_dict`` next to the tensor states."""
-        return {"format": _EXTRA_STATE_FORMAT, "ticks": self._ticks, "alpha": self._alpha, **self._extra_counters()}
+        return {
+            "format": _EXTRA_STATE_FORMAT,
+            "ticks": self._ticks,
+            "alpha": self._alpha,
+            "replica": self._replica,
+            **self._extra_counters(),
+        }
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` saved."""
@@ -343,8 +371,11 @@ class DecayedSumMetric(Metric):
                 stacklevel=2,
             )
         self._ticks = int(state.get("ticks", 0))
+        self._replica = bool(state.get("replica", False))
         self._update_count = max(self._update_count, self._ticks)
-        self._set_extra_counters({k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha")})
+        self._set_extra_counters(
+            {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
+        )
 
     def _load_from_state_dict(
         self,
@@ -375,12 +406,26 @@ class DecayedSumMetric(Metric):
     def _pack(self) -> Tensor:
         """All states and counters of this rank as one float64 vector."""
         parts = [getattr(self, name).reshape(-1).to(_STATE_DTYPE) for name in self._state_names()]
-        counters = [float(self._ticks), *map(float, self._extra_counters().values())]
+        counters = [float(self._ticks), float(self._replica), *map(float, self._extra_counters().values())]
         parts.append(torch.tensor(counters, dtype=_STATE_DTYPE, device=parts[0].device))
         return torch.cat(parts)
 
     def _packed_size(self) -> int:
-        return sum(int(getattr(self, n).numel()) for n in self._state_names()) + 1 + len(self._extra_counters())
+        return sum(int(getattr(self, n).numel()) for n in self._state_names()) + 2 + len(self._extra_counters())
+
+    def _split_vector(self, vector: Tensor) -> dict[str, Tensor]:
+        """The decayed states held by a vector laid out as :meth:`_pack` makes it (shaped like the states)."""
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for name in self._state_names():
+            local = getattr(self, name)
+            out[name] = vector[offset : offset + local.numel()].reshape(local.shape)
+            offset += local.numel()
+        return out
+
+    def _check_states(self, states: dict[str, Tensor]) -> str | None:
+        """What is wrong with these (loaded) states, or ``None`` (hook: e.g. a negative summed weight)."""
+        return None
 
     def _ticks_index(self) -> int:
         """Position of the tick count in :meth:`_pack`'s vector."""
@@ -397,12 +442,25 @@ class DecayedSumMetric(Metric):
             offset += size
         rest = row[offset:].tolist()
         self._ticks = int(rest[0])
-        self._set_extra_counters({n: int(v) for n, v in zip(self._extra_counters(), rest[1:], strict=True)})
+        self._replica = bool(rest[1])
+        self._set_extra_counters({n: int(v) for n, v in zip(self._extra_counters(), rest[2:], strict=True)})
         self._update_count = max(self._update_count, self._ticks)
         self._computed = None
 
     def _unpack_reduced(self, gathered: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Split ``(world_size, n)`` gathered vectors into reduced states and the per-rank counters."""
+        """Split ``(world_size, n)`` gathered vectors into reduced states and the per-rank counters.
+
+        Pooled replicas (every rank holds the same pooled state) count once: rank 0's row is the pooled state.
+        """
+        replica = gathered[:, self._ticks_index() + 1].tolist()
+        if all(replica) and len(replica) > 1:
+            gathered = gathered[:1]
+        elif any(replica):
+            raise RuntimeError(
+                f"{type(self).__name__}: some ranks hold a pooled replica of the state and others a rank-local"
+                f" state ({[bool(r) for r in replica]}); the states cannot be pooled. Load the same checkpoint on"
+                " every rank, or reset the metric."
+            )
         out: dict[str, Tensor] = {}
         offset = 0
         for name in self._state_names():
@@ -424,7 +482,7 @@ class DecayedSumMetric(Metric):
                 " begin_tick/end_tick) the same number of times; pass weight=0 on a rank without data."
             )
         names = list(self._extra_counters())
-        summed = counters[:, 1:].sum(dim=0).tolist()
+        summed = counters[:, 2:].sum(dim=0).tolist()
         self._synced_counters: dict[str, int] | None = {name: int(v) for name, v in zip(names, summed, strict=True)}
 
     def _sync_dist(

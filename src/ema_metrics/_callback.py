@@ -2,436 +2,345 @@
 
 Nothing here imports Lightning: the concrete classes in :mod:`ema_metrics.lightning` and
 :mod:`ema_metrics.pytorch_lightning` mix this into their package's ``Callback`` and set ``_pl`` to that package.
+Checkpoint entries are read and written in :mod:`ema_metrics._callback_checkpoint`; every Lightning private used is
+in :mod:`ema_metrics._lightning_internals`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch import Tensor
-
-from ema_metrics._base import DecayedSumMetric, _distributed_ready, _gather, synced_values
+from ema_metrics import _callback_checkpoint as ckpt
+from ema_metrics import _lightning_internals as internals
+from ema_metrics._base import DecayedSumMetric, synced_values
+from ema_metrics._callback_options import CallbackOptions
 from ema_metrics.ema import EMAMetric
 
-_FORMAT = 1
 
+class _EMAMetricsCallbackLogic(CallbackOptions):
+    """Every value the Trainer acts on is the exact EMA of all ranks, ticking once per optimizer step.
 
-class _EMACallbackLogic:
-    """One exact smoothed point per optimizer step, whatever the accumulation and the number of processes.
+    The callback drives every EMA metric (:class:`~ema_metrics.EMAMetric`, :class:`~ema_metrics.EMAWrapper`) of the
+    ``LightningModule``, nested ones and ones created in ``setup()`` or ``configure_model()`` included:
 
-    The callback drives every EMA metric (:class:`~ema_metrics.EMAMetric`, :class:`~ema_metrics.EMAWrapper`)
-    found in the ``LightningModule``, nested submodules included:
-
-    1. **One tick per optimizer step.** All the micro-batch updates of one optimizer step (on every rank) pool into
+    1. **One tick per optimizer step.** All the micro-batch updates of one optimizer step, on every rank, pool into
        one tick, so the smoothing is measured in optimizer steps whatever ``accumulate_grad_batches`` and the world
-       size are. With manual optimization a tick closes at the end of every training batch in which at least one
-       optimizer stepped (so a GAN step with two optimizers is one tick, and hand-written accumulation over ``k``
-       batches is one tick per ``k`` batches).
-    2. **Sync only when logged, once.** On the steps Lightning logs (``log_every_n_steps``), the callback syncs all
-       the EMA metrics of the module together with **one** collective, before Lightning reads the logged value, and
-       writes the synced value into each metric's ``forward`` result. Other steps issue no collective, so the
-       progress bar shows the rank-local value between logged steps. Log the metric object,
-       ``self.log(name, self.train_loss)``: a tensor (such as the value ``forward`` returned) is copied by Lightning
-       when it is logged, before the sync, so it would stay rank-local.
-    3. **Continuous across epochs.** Lightning calls ``reset()`` on logged metrics at every epoch end; the callback
-       restores the EMA state at the start of the next epoch (and at the end of fit). ``reset_on_epoch=True``
-       restarts every EMA at the start of each epoch instead (after fit the metrics hold the last epoch's EMA).
-    4. **Exact resume.** ``on_save_checkpoint`` gathers every rank's state (one collective) into the callback's
-       checkpoint entry. On resume each rank gets its own state back (bit-exact), or, on a different number of
-       processes, rank 0 takes the pooled state and the others start from zero, which continues the same curve.
-    5. **Zero-code mode.** ``keys={"loss": "train_loss_ema"}`` smooths entries of the ``training_step`` output and
-       logs them under the given names, with no change to the module. The same guarantees hold.
+       size are. A tick closes at the end of each training batch in which an optimizer stepped (so with manual
+       optimization a GAN step with two optimizers is one tick, and hand-written accumulation over ``k`` batches is
+       one tick per ``k`` batches).
+    2. **Pooled before anyone reads it.** At the end of every optimizer step (``sync="step"``, the default) the
+       callback syncs all the EMA metrics together with **one** collective and writes the pooled value where
+       Lightning reads a logged metric. It is the first callback to run ``on_train_batch_end`` (it moves itself to
+       the front of ``trainer.callbacks``), so ``ModelCheckpoint``, ``EarlyStopping``, ``ReduceLROnPlateau`` with a
+       ``monitor``, the progress bar, ``callback_metrics``, the loggers, other callbacks and the module's own
+       ``on_train_batch_end`` all see the same exact number on every rank. No collective runs on accumulating
+       micro-batches. ``sync="logged"`` syncs only on the steps Lightning logs (``log_every_n_steps``): fewest
+       collectives, and then everything that reads the metric on the other steps (monitors, the progress bar) sees
+       each rank's own EMA, which differs between ranks. Override :meth:`should_sync` for another policy. Log the
+       metric object, ``self.log(name, self.train_loss)``: a logged tensor is copied by Lightning at ``log`` time.
+    3. **Continuous across epochs.** Lightning resets logged metrics after every training epoch; the callback puts
+       the EMA back at the next epoch start. ``reset_on_epoch=True`` restarts every EMA at each epoch start instead.
+    4. **Checkpoints and after fit.** ``on_save_checkpoint`` stores every rank's state in the callback's entry (exact
+       per-rank resume with ``ckpt_path=`` on the same number of processes; on another number, rank 0 takes the
+       pooled state), and writes the pooled state into the module's ``state_dict``, so that
+       ``load_from_checkpoint`` on one process computes the pooled value and a new fit from it, on any number of
+       processes, continues the pooled curve. After ``fit`` every rank's metric holds the pooled state, so
+       ``compute()`` gives the pooled value everywhere, also in the main process of ``ddp_spawn``.
+    5. **Zero-code mode.** ``keys={"loss": "train_loss_ema"}`` smooths entries of the ``training_step`` output,
+       exactly as returned (before Lightning divides the loss by ``accumulate_grad_batches``), and logs them under
+       the given names. Each micro-batch is weighted by its batch size, or by the output entry ``weight_key`` (for
+       example a token count). A batch whose ``training_step`` returns ``None`` is no observation.
 
-    Without the callback, an :class:`~ema_metrics.EMAMetric` still logs a correct value (synced at ``compute``,
-    or in ``forward`` with ``sync_on_forward=True``), but it ticks once per *micro-batch*, it restarts each epoch,
-    and on a DDP resume every rank starts from rank 0's state.
+    Several instances may share a Trainer if they drive disjoint metrics (for example one for the module's metrics
+    and one with ``metrics=[]`` and ``keys=...``); they still sync with one collective per step.
+
+    Without the callback, an :class:`~ema_metrics.EMAMetric` still logs a correct value (synced at ``compute``, or
+    in ``forward`` with ``sync_on_forward=True``), but it ticks once per *micro-batch* and restarts each epoch; a
+    checkpoint then holds rank 0's own state, which every rank loads on resume (so each rank starts from rank 0's
+    partial sums). A checkpoint written *with* the callback and resumed without it continues the pooled curve.
 
     Args:
         metrics: attribute paths (as in ``named_modules``, e.g. ``"train_loss"`` or ``"head.acc"``) of the EMA
-            metrics to drive; default: every EMA metric in the module. Metrics updated outside training (for
-            example in ``validation_step``) should be left out with ``exclude``: a driven metric ticks once per
-            optimizer step.
+            metrics to drive; default: every EMA metric of the module; ``[]`` drives none (zero-code only). Leave
+            metrics updated outside training (for example in ``validation_step``) out with ``exclude``.
         exclude: attribute paths to leave alone.
         keys: zero-code mode: ``{output_key: log_name}`` for entries of the ``training_step`` output to smooth.
-            ``"loss"`` is un-normalised from Lightning's division by ``accumulate_grad_batches``.
+        weight_key: zero-code mode: an output entry holding each micro-batch's weight (number or tensor).
         alpha: smoothing of the zero-code metrics (exactly one of ``alpha``, ``half_life``, ``span``, ``com``
             when ``keys`` is given).
         half_life: see ``alpha``.
         span: see ``alpha``.
         com: see ``alpha``.
         adjust: ``adjust`` of the zero-code metrics.
-        weight_by_batch_size: weight each zero-code micro-batch by its batch size (Lightning's
-            ``extract_batch_size``); otherwise every micro-batch has weight 1.
+        weight_by_batch_size: without ``weight_key``, weight each zero-code micro-batch by its batch size
+            (Lightning's ``extract_batch_size``); otherwise every micro-batch has weight 1.
         reset_on_epoch: restart every EMA at the start of each training epoch.
         prog_bar: show the zero-code values in the progress bar.
+        sync: ``"step"`` (pool every optimizer step) or ``"logged"`` (only the steps Lightning logs).
 
     Raises:
-        ValueError: If ``keys`` is given without a valid parametrisation, or a parametrisation without ``keys``.
+        TypeError: If an argument has the wrong type (names must be strings, flags must be ``bool``). When ``fit``
+            starts: if the Trainer comes from the other Lightning package.
+        ValueError: If an argument has a wrong value, ``keys`` is given without a parametrisation or the reverse.
             When ``fit`` starts: if the strategy is not supported, ``metrics`` names something that is not an EMA
-            metric of the module, or there is nothing to smooth.
-        TypeError: If names are not strings. When ``fit`` starts: if the Trainer is one of the other Lightning
-            package (``lightning.pytorch`` versus ``pytorch_lightning``).
+            metric, there is nothing to smooth, or two instances drive the same metric or log the same name.
+        RuntimeError: When ``fit`` starts, if the installed Lightning lacks an internal the callback uses.
 
     """
 
     _pl: ModuleType
 
-    def __init__(
-        self,
-        *,
-        metrics: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        keys: Mapping[str, str] | None = None,
-        alpha: float | None = None,
-        half_life: float | None = None,
-        span: float | None = None,
-        com: float | None = None,
-        adjust: bool = True,
-        weight_by_batch_size: bool = True,
-        reset_on_epoch: bool = False,
-        prog_bar: bool = True,
-    ) -> None:
-        self.metric_names = None if metrics is None else _names("metrics", metrics)
-        self.exclude = _names("exclude", exclude)
-        self.keys = dict(keys or {})
-        for k, v in self.keys.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(f"Expected argument `keys` to map strings to strings, but got {self.keys!r}")
-        self._zero_code_args: dict[str, Any] = {
-            "alpha": alpha,
-            "half_life": half_life,
-            "span": span,
-            "com": com,
-            "adjust": adjust,
-        }
-        if self.keys:
-            EMAMetric(alpha, half_life=half_life, span=span, com=com, adjust=adjust)  # validates the parametrisation
-        elif any(v is not None for v in (alpha, half_life, span, com)):
-            raise ValueError(
-                "Arguments `alpha`, `half_life`, `span` and `com` configure zero-code mode; pass `keys` too"
-            )
-        self.weight_by_batch_size = weight_by_batch_size
-        self.reset_on_epoch = reset_on_epoch
-        self.prog_bar = prog_bar
+    def _reset_fit_state(self) -> None:
         self._driven: dict[str, DecayedSumMetric] = {}
         self._own: dict[str, EMAMetric] = {}
+        self._group: list[_EMAMetricsCallbackLogic] = [self]
         self._tick_open = False
         self._stepped = False
-        self._snapshot: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] | None = None
-        self._pending_restore: dict[str, Any] | None = None
+        self._step_done = False
+        self._synced = False
+        self._snapshot: dict[str, tuple[Any, bool]] | None = None  # taken at an epoch end, until the next start
+        self._pending_restore: Any = None
+        self._undo: list[Any] = []
 
-    # ------------------------------------------------------------------ identity and state
-    @property
-    def state_key(self) -> str:
-        """Key of this callback's entry in a checkpoint, so several instances can coexist."""
-        return f"EMACallback{{metrics={self.metric_names}, exclude={self.exclude}, keys={sorted(self.keys.items())}}}"
+    # ------------------------------------------------------------------ policy
+    def should_sync(self, trainer: Any, step_done: bool) -> bool:
+        """Whether to pool every rank's EMA at the end of this training batch (the sync policy).
 
-    def state_dict(self) -> dict[str, Any]:
-        """Options and format; the per-rank metric states are added by :meth:`on_save_checkpoint`."""
-        return {"format": _FORMAT, "keys": dict(self.keys), "reset_on_epoch": self.reset_on_epoch}
+        A batch that Lightning logs is always synced before it is logged, whatever this returns.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the saved per-rank states; they are applied to the metrics when training starts."""
-        self._pending_restore = state_dict.get("ranks")
+        Args:
+            trainer: the Trainer.
+            step_done: whether an optimizer stepped in this batch (a tick just closed).
 
-    # ------------------------------------------------------------------ setup
+        """
+        return step_done and self.sync == "step"
+
+    # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Find the EMA metrics of the module, create the zero-code ones, and check the strategy."""
+        """Check the Trainer, and move this callback to the front of ``trainer.callbacks``."""
         if stage != "fit":
             return
         self._check_flavour(trainer)
         self._check_strategy(trainer)
-        # Nothing carries over from an earlier fit with this instance: its end-of-epoch snapshot would be restored
-        # into this fit's metrics at the first epoch start. A checkpoint to resume from is loaded after `setup`.
-        self._snapshot = None
-        self._pending_restore = None
-        self._tick_open = False
-        self._stepped = False
+        internals.check(trainer, self._pl)
+        self._reset_fit_state()
+        # First at every hook, so that other callbacks (ModelCheckpoint, EarlyStopping, ...) read pooled values. The
+        # list is being iterated: moving this entry to the front leaves the entries after it where they were.
+        callbacks = trainer.callbacks
+        callbacks.remove(self)
+        callbacks.insert(0, self)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Find the module's EMA metrics (also those created in ``setup`` or ``configure_model``)."""
         found = {name: m for name, m in pl_module.named_modules() if isinstance(m, DecayedSumMetric)}
         if self.metric_names is not None:
             missing = [n for n in self.metric_names if n not in found]
             if missing:
                 raise ValueError(
-                    f"EMACallback: argument `metrics` names {missing}, which are not EMA metrics of"
+                    f"EMAMetricsCallback: argument `metrics` names {missing}, which are not EMA metrics of"
                     f" {type(pl_module).__name__}; found {sorted(found)}"
                 )
             found = {n: found[n] for n in self.metric_names}
         self._driven = {n: m for n, m in found.items() if n not in self.exclude}
-        self._own = {key: self._new_own_metric() for key in self.keys}
+        self._own = {key: self._new_own_metric().to(pl_module.device) for key in self.keys}
         if not self._driven and not self._own:
             raise ValueError(
-                f"EMACallback found no EMAMetric or EMAWrapper in {type(pl_module).__name__} (after `metrics`/"
-                "`exclude`) and has no `keys` to smooth. Add an EMA metric to the module, or pass e.g."
+                f"EMAMetricsCallback found no EMAMetric or EMAWrapper in {type(pl_module).__name__} (after"
+                " `metrics`/`exclude`) and has no `keys` to smooth. Add an EMA metric to the module, or pass e.g."
                 " keys={'loss': 'train_loss_ema'}, half_life=50."
             )
-        self._install_sync(trainer)
+        earlier = [cb for cb in trainer.callbacks if isinstance(cb, _EMAMetricsCallbackLogic) and cb._driven_or_own]
+        self._check_disjoint([cb for cb in earlier if cb is not self])
+        if self._own:
+            self._undo.append(_wrap_training_step(pl_module, self._observe))
 
-    def _install_sync(self, trainer: Any) -> None:
-        """Sync right before Lightning writes the step's metrics to the loggers, and only then.
+    @property
+    def _driven_or_own(self) -> bool:
+        return bool(self.__dict__.get("_driven") or self.__dict__.get("_own"))
 
-        Lightning decides to log a step in ``update_train_step_metrics``, after every ``on_train_batch_end`` hook;
-        a later hook (the module's own, or the ``max_time`` timer) may still set ``should_stop``, which makes
-        Lightning log. So the sync runs inside that call, with Lightning's own predicate, and not in a hook.
-        """
-        connector = trainer._logger_connector
-        original = connector.update_train_step_metrics
-
-        def update_train_step_metrics() -> None:
-            if _lightning_logs_now(trainer, trainer.lightning_module.automatic_optimization):
-                self._sync_into_forward_cache()
-            original()
-
-        connector.update_train_step_metrics = update_train_step_metrics
-        self._installed_on = connector
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Apply a checkpoint's per-rank states; the first instance drives the ticks and syncs of all instances."""
+        self._group = [cb for cb in trainer.callbacks if isinstance(cb, _EMAMetricsCallbackLogic) and cb._driven_or_own]
+        if self._pending_restore is not None:
+            tick = ckpt.restore(self._pending_restore, self._named_all(), self.state_key)
+            self._pending_restore = None
+            if tick is not None:
+                self._tick_open, self._stepped = True, tick
+        if self._group[0] is self:
+            self._undo.append(internals.run_before_step_logging(trainer, lambda: self._late_sync(trainer)))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Remove the sync hook installed by :meth:`setup`."""
-        connector = self.__dict__.pop("_installed_on", None)
-        if connector is not None:
-            connector.__dict__.pop("update_train_step_metrics", None)
-
-    def _new_own_metric(self) -> EMAMetric:
-        args = self._zero_code_args
-        return EMAMetric(
-            args["alpha"], half_life=args["half_life"], span=args["span"], com=args["com"], adjust=args["adjust"]
-        )
-
-    def _check_flavour(self, trainer: Any) -> None:
-        """Lightning runs a callback of the other package without complaint; its checks would then mislead."""
-        if isinstance(trainer, self._pl.Trainer):
-            return
-        packages = {"lightning.pytorch": "ema_metrics.lightning", "pytorch_lightning": "ema_metrics.pytorch_lightning"}
-        hint = ""
-        for cls in type(trainer).__mro__:
-            package = next((p for p in packages if f"{cls.__module__}.".startswith(f"{p}.")), None)
-            if package is not None:
-                hint = f" This Trainer comes from `{package}`: use `{packages[package]}.EMACallback`."
-                break
-        raise TypeError(
-            f"{type(self).__module__}.{type(self).__name__} is the callback for `{self._pl.__name__}`, but the"
-            f" Trainer is a {type(trainer).__module__}.{type(trainer).__qualname__}.{hint}"
-        )
-
-    def _check_strategy(self, trainer: Any) -> None:
-        strategies = self._pl.strategies
-        supported = (strategies.SingleDeviceStrategy, strategies.DDPStrategy, strategies.FSDPStrategy)
-        unsupported = tuple(
-            getattr(strategies, n)
-            for n in ("XLAStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
-            if hasattr(strategies, n)
-        )
-        strategy = trainer.strategy
-        if not isinstance(strategy, supported) or isinstance(strategy, unsupported):
-            raise ValueError(
-                f"EMACallback supports single-device, DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook) and FSDP"
-                f" strategies, whose collectives go through torch.distributed; got {type(strategy).__name__}"
-            )
-
-    def _all(self) -> list[DecayedSumMetric]:
-        return [*self._driven.values(), *self._own.values()]
+        """Remove what :meth:`on_fit_start` and :meth:`on_train_start` installed."""
+        for undo in reversed(self.__dict__.get("_undo", [])):
+            undo()
+        self._undo = []
 
     # ------------------------------------------------------------------ training hooks
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Move the zero-code metrics to the module's device and apply a checkpoint's per-rank states."""
-        for m in self._own.values():
-            m.to(pl_module.device)
-        self._tick_open = False
-        if self._pending_restore is not None:
-            self._restore_ranks(self._pending_restore, trainer)
-            self._pending_restore = None
-
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         """Undo Lightning's end-of-epoch ``reset()`` (or restart, with ``reset_on_epoch=True``)."""
         if self.reset_on_epoch:
+            self._snapshot = None
             for m in self._all():
                 m.reset()
         else:
             self._restore_snapshot()
+            self._snapshot = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        """Open a tick at the first micro-batch of an optimizer step."""
+        """Open a tick at the first micro-batch of an optimizer step (first instance, for all instances)."""
+        if self._group[0] is not self:
+            return
+        self._synced = False
+        metrics = self._group_metrics()
         if not self._tick_open:
-            for m in self._all():
+            for m in metrics:
                 m.begin_tick()
-            self._tick_open = True
-            self._stepped = False
+            self._tick_open, self._stepped = True, False
+        for m in metrics:
+            if not internals.has_logged_value(m):  # an update()-fed metric, or one just reset: give Lightning a tensor
+                internals.write_logged_value(m, ckpt.local_value(m))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Remember that an optimizer stepped during this batch."""
         self._stepped = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Feed and log the zero-code metrics, and close the tick after an optimizer step.
-
-        The sync itself runs later, when Lightning writes the step's metrics (see :meth:`_install_sync`).
-        """
-        automatic = pl_module.automatic_optimization
-        if self._own:
-            self._update_own(trainer, outputs, batch, automatic)
-        step_done = not trainer.fit_loop._should_accumulate() if automatic else self._stepped
+        """Close the tick after an optimizer step and pool the values before any other hook reads them."""
+        if self._group[0] is not self:
+            return
+        step_done = self._step_done = self._stepped
         if step_done and self._tick_open:
-            for m in self._all():
+            for m in self._group_metrics():
                 m.end_tick()
-            self._tick_open = False
-        if self._own:
-            self._log_own(pl_module)
+            self._tick_open = self._stepped = False
+        wanted = any(cb.should_sync(trainer, step_done) for cb in self._group)
+        if wanted or internals.logs_this_batch(trainer, step_done, pl_module.automatic_optimization):
+            self._sync()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook.
-
-        With manual optimization a tick can still be open here (its optimizer step closes in the next epoch):
-        whether it already decayed is kept too, since ``reset()`` clears that flag.
-        """
-        self._snapshot = {
-            name: (m._copy_state_dict(), m.get_extra_state(), m._tick_decayed) for name, m in self._named_all()
-        }
+        """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook."""
+        self._snapshot = {name: ckpt.snapshot(m) for name, m in self._named_all()}
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        """Restore the states after the last epoch's reset, so ``compute()`` after ``fit`` still works.
-
-        With ``reset_on_epoch=True`` too: the EMAs restart at the *start* of each epoch, so after ``fit`` they hold
-        the last epoch's average (not the empty state of Lightning's reset).
-        """
-        self._restore_snapshot()  # first: the snapshot may hold a tick still open at the last epoch's end
+        """Leave every rank's metrics holding the pooled state (one collective for all instances)."""
+        if self._group[0] is not self:
+            return
+        for cb in self._group:
+            cb._restore_snapshot()
+            cb._snapshot = None
         if self._tick_open:
-            for m in self._all():
+            for m in self._group_metrics():
                 m.end_tick()
             self._tick_open = False
+        ckpt.pool_into_every_rank(self._group_metrics())
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Store every rank's state in this callback's checkpoint entry (one collective on every rank)."""
-        named = self._named_all()
-        if not named:
-            return
-        packed = torch.cat([m._pack() for _, m in named])
-        gathered = _gather(packed, None, None) if _distributed_ready() else packed.unsqueeze(0)
-        per_metric: dict[str, Tensor] = {}
-        offset = 0
-        for name, m in named:
-            size = m._packed_size()
-            per_metric[name] = gathered[:, offset : offset + size].detach().cpu().clone()
-            offset += size
+        """Store every rank's state in this callback's entry, and the pooled state in the module's state dict."""
+        self._restore_snapshot()  # between an epoch end and the next start Lightning may have reset the metrics
+        leader = self._group[0]
         entry = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, self.state_dict())
-        entry["ranks"] = {
-            "world_size": int(gathered.shape[0]),
-            "metrics": per_metric,
-            # With manual optimization a checkpoint can fall inside an optimizer step (for example at the end of an
-            # epoch, when the user's accumulation goes on into the next one): the resumed run continues that tick.
-            "tick_open": self._tick_open,
-            "stepped": self._stepped,
-            "tick_decayed": {name: bool(m._tick_decayed) for name, m in named},
-        }
+        ckpt.save(
+            entry,
+            checkpoint.get("state_dict"),
+            self._named_all(),
+            driven=set(self._driven),
+            tick_open=leader._tick_open,
+            stepped=leader._stepped,
+        )
 
-    def _restore_ranks(self, saved: dict[str, Any], trainer: Any) -> None:
-        world = dist.get_world_size() if _distributed_ready() else 1
-        rank = dist.get_rank() if _distributed_ready() else 0
-        for name, m in self._named_all():
-            rows = saved["metrics"].get(name)
-            if rows is None:
-                continue
-            if int(saved["world_size"]) == world:
-                m._load_packed(rows[rank])
-            else:
-                pooled = rows.sum(dim=0)
-                pooled[m._ticks_index()] = rows[0, m._ticks_index()]
-                m._load_packed(pooled if rank == 0 else _zero_but_ticks(pooled, m._ticks_index()))
-        if saved.get("tick_open", False):
-            for name, m in self._named_all():
-                if not m.in_tick:
-                    m.begin_tick()
-                m._tick_decayed = bool(saved["tick_decayed"].get(name, False))
-            self._tick_open = True
-            self._stepped = bool(saved.get("stepped", False))
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved per-rank states; they are applied to the metrics when training starts."""
+        self._pending_restore = state_dict.get("ranks")
 
     # ------------------------------------------------------------------ helpers
+    def _all(self) -> list[DecayedSumMetric]:
+        return [*self._driven.values(), *self._own.values()]
+
     def _named_all(self) -> list[tuple[str, DecayedSumMetric]]:
         return [*self._driven.items(), *((f"keys/{k}", m) for k, m in self._own.items())]
 
+    def _group_metrics(self) -> list[DecayedSumMetric]:
+        return [m for cb in self._group for m in cb._all()]
+
     def _restore_snapshot(self) -> None:
-        if self._snapshot is None:
-            return
-        for name, m in self._named_all():
-            saved = self._snapshot.get(name)
-            if saved is None:
-                continue
-            states, extra, tick_decayed = saved
-            for attr, value in states.items():
-                setattr(m, attr, value.clone() if isinstance(value, Tensor) else value)
-            m.set_extra_state(extra)
-            m._tick_decayed = tick_decayed and m.in_tick  # an open tick must not decay a second time
-            m._computed = None
+        if self._snapshot is not None:
+            for name, m in self._named_all():
+                if name in self._snapshot:
+                    ckpt.restore_snapshot(m, self._snapshot[name])
 
-    def _sync_into_forward_cache(self) -> None:
-        """Sync every EMA metric with one collective; put the values where Lightning will read them."""
-        metrics = self._all()
+    def _sync(self) -> None:
+        """Pool every EMA metric of every instance with one collective; put the values where Lightning reads them."""
+        metrics = self._group_metrics()
         for m, value in zip(metrics, synced_values(metrics), strict=True):
-            cache = m._forward_cache
-            if isinstance(cache, Tensor) and cache.shape == value.shape and cache.dtype == value.dtype:
-                # Lightning holds this very tensor since `self.log(name, metric)`: update it in place.
-                cache.copy_(value)
-            else:
-                m.__dict__["_forward_cache"] = value
+            internals.write_logged_value(m, value)
+        self._synced = True
 
-    def _update_own(self, trainer: Any, outputs: Any, batch: Any, automatic: bool) -> None:
-        if not isinstance(outputs, Mapping):
-            outputs = {"loss": outputs}
-        weight = self._batch_weight(batch)
+    def _late_sync(self, trainer: Any) -> None:
+        """A later hook made Lightning log a batch the callback did not sync: sync now, before it is logged."""
+        if not self._synced and internals.logs_this_batch(
+            trainer, self._step_done, trainer.lightning_module.automatic_optimization
+        ):
+            self._sync()
+
+    def _observe(self, pl_module: Any, output: Any, batch: Any) -> None:
+        """Zero-code mode: feed one micro-batch's ``training_step`` output to the metrics, and log them."""
+        if output is not None:
+            outputs = output if isinstance(output, Mapping) else {"loss": output}
+            weight = self._weight(outputs, batch)
+            for key, m in self._own.items():
+                if key not in outputs:
+                    raise KeyError(
+                        f"EMAMetricsCallback: key {key!r} of argument `keys` is not in the training_step output;"
+                        f" available: {sorted(outputs)}"
+                    )
+                m(outputs[key], weight=weight)
         for key, m in self._own.items():
-            if key not in outputs:
-                raise KeyError(
-                    f"EMACallback: key {key!r} of argument `keys` is not in the training_step output; available:"
-                    f" {sorted(outputs)}"
+            if m.update_called:  # logged as the Metric object: Lightning reads its value when it logs
+                pl_module.log(
+                    self.keys[key],
+                    m,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=self.prog_bar,
+                    metric_attribute=f"EMAMetricsCallback[{self.keys[key]}]",
                 )
-            value = outputs[key]
-            if automatic and key == "loss" and isinstance(value, Tensor):
-                value = value * trainer.accumulate_grad_batches  # Lightning divided it for the backward pass
-            m(value, weight=weight)  # forward: its result is what Lightning logs, synced in place on logged steps
 
-    def _batch_weight(self, batch: Any) -> float:
+    def _weight(self, outputs: Mapping[str, Any], batch: Any) -> Any:
+        if self.weight_key is not None:
+            if self.weight_key not in outputs:
+                raise KeyError(
+                    f"EMAMetricsCallback: argument `weight_key` {self.weight_key!r} is not in the training_step"
+                    f" output; available: {sorted(outputs)}"
+                )
+            return outputs[self.weight_key]
         if not self.weight_by_batch_size:
             return 1.0
-        extract: Callable[[Any], int] = self._pl.utilities.data.extract_batch_size
         try:
-            return float(extract(batch))
+            return float(internals.extract_batch_size(self._pl)(batch))
         except Exception as err:
             raise ValueError(
-                "EMACallback could not infer the batch size to weight the zero-code metrics; pass"
-                " weight_by_batch_size=False"
+                "EMAMetricsCallback could not infer the batch size to weight the zero-code metrics; pass"
+                " `weight_key` or weight_by_batch_size=False"
             ) from err
 
-    def _log_own(self, pl_module: Any) -> None:
-        # Logged as Metric objects: Lightning then reads their forward result when it logs (a logged tensor would
-        # be copied at `log` time, before the sync).
-        for key, m in self._own.items():
-            pl_module.log(
-                self.keys[key],
-                m,
-                on_step=True,
-                on_epoch=False,
-                prog_bar=self.prog_bar,
-                metric_attribute=f"EMACallback.keys.{key}",
-            )
 
+def _wrap_training_step(pl_module: Any, observe: Any) -> Any:
+    """See each ``training_step`` output as returned (Lightning divides the loss by the accumulation factor later)."""
+    original = pl_module.training_step
 
-def _lightning_logs_now(trainer: Any, automatic: bool) -> bool:
-    """The predicate of Lightning's ``update_train_step_metrics``: will this batch's step metrics be logged?"""
-    if automatic and trainer.fit_loop._should_accumulate():
-        return False
-    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        observe(pl_module, output, args[0] if args else kwargs.get("batch"))
+        return output
 
+    pl_module.__dict__["training_step"] = training_step
 
-def _zero_but_ticks(row: Tensor, ticks_index: int) -> Tensor:
-    out = torch.zeros_like(row)
-    out[ticks_index] = row[ticks_index]
-    return out
+    def remove() -> None:
+        if pl_module.__dict__.get("training_step") is training_step:
+            del pl_module.__dict__["training_step"]
 
+    return remove
 
-def _names(arg: str, names: Sequence[str]) -> list[str]:
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"Expected argument `{arg}` to be a sequence of strings, but got {names!r}")
-    return list(names)

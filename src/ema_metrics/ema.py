@@ -187,6 +187,8 @@ class EMAMetric(DecayedSumMetric):
     def _accumulate(self, value: Union[Tensor, float], weight: Union[Tensor, float]) -> _Hot:
         """Add one update to the states. Validates everything before touching any state; no host sync."""
         d = self.__dict__
+        if d["_replica"]:
+            self._dereplicate()
         if type(value) is Tensor:
             x = value.detach() if value.requires_grad else value
         else:
@@ -323,6 +325,15 @@ class EMAMetric(DecayedSumMetric):
                 numel = (counters or self._extra_counters())["numel"]
                 self._report_nonfinite(numel - int(finite))
         return sums[0] / sums[1]
+
+    def _check_states(self, states: dict[str, Tensor]) -> str | None:
+        _, den, finite, rejected = states["sums"].tolist()
+        if den < 0 or finite < 0 or rejected < 0:
+            return (
+                f"{type(self).__name__}: the summed weight and counts must not be negative, but the state holds"
+                f" weight={den!r}, finite count={finite!r}, rejected count={rejected!r}"
+            )
+        return None
 
     def _report_nonfinite(self, dropped: int) -> None:
         if dropped <= 0 or self.nan_strategy not in ("error", "warn"):

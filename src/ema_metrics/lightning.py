@@ -11,11 +11,11 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised by the packag
         " (or use ema_metrics.pytorch_lightning with the `pytorch_lightning` package)"
     ) from err
 
-from ema_metrics._callback import _EMACallbackLogic
+from ema_metrics._callback import _EMAMetricsCallbackLogic
 
-__all__ = ["EMACallback"]
+__all__ = ["EMAMetricsCallback"]
 
 
-class EMACallback(_EMACallbackLogic, Callback):  # type: ignore[misc]  # noqa: D101
-    __doc__ = _EMACallbackLogic.__doc__
+class EMAMetricsCallback(_EMAMetricsCallbackLogic, Callback):  # type: ignore[misc]  # noqa: D101
+    __doc__ = _EMAMetricsCallbackLogic.__doc__
     _pl = _pl

@@ -188,6 +188,8 @@ class EMAWrapper(DecayedSumMetric):
 
         """
         d = self.__dict__
+        if d["_replica"]:
+            self._dereplicate()
         scratch = d["_scratch"]
         if scratch is None:
             scratch = self._build_scratch()
