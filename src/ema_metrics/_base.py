@@ -8,7 +8,6 @@ a per-state ``dist_reduce_fx`` (:func:`sum_ranks` for every decayed sum).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,7 +27,7 @@ __all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
 
 _STATE_DTYPE = torch.float64
 _EXTRA_STATE_FORMAT = 1
-_INSTANCES = itertools.count()
+_GROUP_TAG = "instance_tag"
 
 
 def sum_ranks(stacked: Tensor) -> Tensor:
@@ -103,15 +102,7 @@ class DecayedSumMetric(Metric):
         self._tick_decayed = False
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
-        # A constant, local state unique to this instance. torchmetrics' MetricCollection merges metrics whose
-        # states are equal after the first update into one compute group, which would share the tensors but not
-        # the tick count (and two EMAs of different alpha hold equal sums after one tick). It is never synced,
-        # decayed or saved.
-        self.add_state(
-            "instance_tag",
-            torch.tensor([self._alpha, float(adjust), float(next(_INSTANCES))], dtype=_STATE_DTYPE),
-            persistent=False,
-        )
+        self._add_group_tag()
 
     # ------------------------------------------------------------------ call overhead
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -207,6 +198,33 @@ class DecayedSumMetric(Metric):
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
             getattr(self, name).mul_(self._factor(name, factor))
+
+    # ------------------------------------------------------------------ compute groups
+    def _add_group_tag(self) -> None:
+        """Register the first state: a NaN, so that this metric is never merged into a compute group.
+
+        torchmetrics' ``MetricCollection`` merges metrics whose states are all ``allclose`` after the first update into
+        one compute group: they would share one state tensor but not the tick count, and a tick would decay it once per
+        member (and two EMAs of different alpha hold equal sums after one tick). ``allclose`` is False for NaN in
+        every floating dtype, so no clone, copy, dtype move, loaded state dict or number of instances can make two EMA
+        metrics equal. Being registered first, it ends the comparison at once. It is never synced, decayed, saved,
+        loaded or converted to another dtype (it only follows the device).
+        """
+        self.add_state(_GROUP_TAG, torch.tensor(math.nan, dtype=_STATE_DTYPE), persistent=False)
+
+    def persistent(self, mode: bool = False) -> None:
+        """Change whether the states are saved in ``state_dict`` (the compute-group tag never is)."""
+        super().persistent(mode)
+        self._persistent[_GROUP_TAG] = False
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        this = super()._apply(fn, (*excluded, _GROUP_TAG))
+        if isinstance(this, DecayedSumMetric) and _GROUP_TAG not in excluded:
+            tag = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+            setattr(this, _GROUP_TAG, tag)
+            this._defaults[_GROUP_TAG] = tag.clone()
+        return this
 
     # ------------------------------------------------------------------ ticks
     def _tick_decay(self) -> bool:
@@ -356,6 +374,8 @@ class DecayedSumMetric(Metric):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
+        state_dict.pop(prefix + _GROUP_TAG, None)
         # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
         for key in self._defaults:
             name = prefix + key
