@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torchmetrics import Metric
@@ -44,6 +45,10 @@ def sum_ranks(stacked: Tensor) -> Tensor:
 
     """
     return stacked.sum(dim=0, dtype=_STATE_DTYPE).to(stacked.dtype)
+
+
+def _follow_device(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device=device)
 
 
 def _distributed_ready() -> bool:
@@ -218,12 +223,22 @@ class DecayedSumMetric(Metric):
         self._persistent[_GROUP_TAG] = False
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        """Apply ``fn`` as torchmetrics does, but keep the cached values' dtype and the group tag's NaN.
+
+        torchmetrics converts the cached ``compute``/``forward`` values with ``fn``: a move to half precision would make
+        ``compute`` return a rounded cache. They only follow the device here, like the float64 states.
+        """
         excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        cached = {key: self.__dict__.get(key) for key in ("_computed", "_forward_cache")}
         this = super()._apply(fn, (*excluded, _GROUP_TAG))
-        if isinstance(this, DecayedSumMetric) and _GROUP_TAG not in excluded:
-            tag = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
-            setattr(this, _GROUP_TAG, tag)
-            this._defaults[_GROUP_TAG] = tag.clone()
+        if isinstance(this, DecayedSumMetric):
+            for key, value in cached.items():
+                if value is not None:
+                    setattr(this, key, apply_to_collection(value, Tensor, _follow_device, this.device))
+            if _GROUP_TAG not in excluded:
+                tag = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+                setattr(this, _GROUP_TAG, tag)
+                this._defaults[_GROUP_TAG] = tag.clone()
         return this
 
     # ------------------------------------------------------------------ ticks
