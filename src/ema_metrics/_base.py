@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ema_metrics._params import resolve_alpha
+from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
 
 __all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
 
@@ -361,7 +362,9 @@ class DecayedSumMetric(Metric):
 
     def get_extra_state(self) -> dict[str, Any]:
         """Tick count and counters, saved in ``state_dict`` next to the tensor states."""
-        return {"format": _EXTRA_STATE_FORMAT, "ticks": self._ticks, "alpha": self._alpha, **self._extra_counters()}
+        # While synced (inside `sync_context`) the states are the pooled ones: save the pooled counters with them.
+        counters = self._counters_for_compute()
+        return {"format": _EXTRA_STATE_FORMAT, "ticks": self._ticks, "alpha": self._alpha, **counters}
 
     def set_extra_state(self, state: Any) -> None:
         """Restore what :meth:`get_extra_state` saved."""
@@ -379,6 +382,16 @@ class DecayedSumMetric(Metric):
         self._update_count = max(self._update_count, self._ticks)
         self._set_extra_counters({k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha")})
 
+    def _saves_states(self) -> bool:
+        """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
+        return any(self._persistent[name] for name in self._state_names())
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The tick count and counters travel only with the states they describe: `persistent(False)` saves nothing.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._saves_states():
+            destination.pop(prefix + EXTRA_STATE_KEY, None)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -391,15 +404,31 @@ class DecayedSumMetric(Metric):
     ) -> None:
         # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
         state_dict.pop(prefix + _GROUP_TAG, None)
+        names = self._state_names()
+        current = {name: getattr(self, name) for name in names}
+        errors = state_errors(state_dict, prefix, current, names)
+        errors += extra_state_errors(state_dict, prefix, type(self).__name__, self._extra_counters())
+        if errors:  # torch's way: load_state_dict raises one RuntimeError listing them; this metric is unchanged
+            error_msgs.extend(errors)
+            return
+        present = [name for name in names if prefix + name in state_dict]
+        if not present:  # counters without the states they count (an older `persistent(False)` state dict)
+            state_dict.pop(prefix + EXTRA_STATE_KEY, None)
         # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
         for key in self._defaults:
             name = prefix + key
             if name in state_dict and isinstance(state_dict[name], Tensor):
-                current = getattr(self, key)
-                state_dict[name] = state_dict[name].to(device=current.device, dtype=current.dtype).clone()
+                value = getattr(self, key)
+                state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
+        missing = [prefix + name for name in names if self._persistent[name] and name not in present]
+        if not present:  # the states are reported missing, or are not saved at all: not the counters as well
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
+        missing_keys.extend(missing)
         self._computed = None
 
     # ------------------------------------------------------------------ distributed
