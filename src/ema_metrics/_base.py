@@ -8,7 +8,6 @@ a per-state ``dist_reduce_fx`` (:func:`sum_ranks` for every decayed sum).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -17,18 +16,20 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ema_metrics._params import resolve_alpha
+from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
 
 __all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
 
 _STATE_DTYPE = torch.float64
 _EXTRA_STATE_FORMAT = 1
-_INSTANCES = itertools.count()
+_GROUP_TAG = "instance_tag"
 
 
 def sum_ranks(stacked: Tensor) -> Tensor:
@@ -45,6 +46,10 @@ def sum_ranks(stacked: Tensor) -> Tensor:
 
     """
     return stacked.sum(dim=0, dtype=_STATE_DTYPE).to(stacked.dtype)
+
+
+def _follow_device(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device=device)
 
 
 def _distributed_ready() -> bool:
@@ -107,15 +112,7 @@ class DecayedSumMetric(Metric):
         self._replica = False
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
-        # A constant, local state unique to this instance. torchmetrics' MetricCollection merges metrics whose
-        # states are equal after the first update into one compute group, which would share the tensors but not
-        # the tick count (and two EMAs of different alpha hold equal sums after one tick). It is never synced,
-        # decayed or saved.
-        self.add_state(
-            "instance_tag",
-            torch.tensor([self._alpha, float(adjust), float(next(_INSTANCES))], dtype=_STATE_DTYPE),
-            persistent=False,
-        )
+        self._add_group_tag()
 
     # ------------------------------------------------------------------ call overhead
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -211,6 +208,43 @@ class DecayedSumMetric(Metric):
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
             getattr(self, name).mul_(self._factor(name, factor))
+
+    # ------------------------------------------------------------------ compute groups
+    def _add_group_tag(self) -> None:
+        """Register the first state: a NaN, so that this metric is never merged into a compute group.
+
+        torchmetrics' ``MetricCollection`` merges metrics whose states are all ``allclose`` after the first update into
+        one compute group: they would share one state tensor but not the tick count, and a tick would decay it once per
+        member (and two EMAs of different alpha hold equal sums after one tick). ``allclose`` is False for NaN in
+        every floating dtype, so no clone, copy, dtype move, loaded state dict or number of instances can make two EMA
+        metrics equal. Being registered first, it ends the comparison at once. It is never synced, decayed, saved,
+        loaded or converted to another dtype (it only follows the device).
+        """
+        self.add_state(_GROUP_TAG, torch.tensor(math.nan, dtype=_STATE_DTYPE), persistent=False)
+
+    def persistent(self, mode: bool = False) -> None:
+        """Change whether the states are saved in ``state_dict`` (the compute-group tag never is)."""
+        super().persistent(mode)
+        self._persistent[_GROUP_TAG] = False
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        """Apply ``fn`` as torchmetrics does, but keep the cached values' dtype and the group tag's NaN.
+
+        torchmetrics converts the cached ``compute``/``forward`` values with ``fn``: a move to half precision would make
+        ``compute`` return a rounded cache. They only follow the device here, like the float64 states.
+        """
+        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        cached = {key: self.__dict__.get(key) for key in ("_computed", "_forward_cache")}
+        this = super()._apply(fn, (*excluded, _GROUP_TAG))
+        if isinstance(this, DecayedSumMetric):
+            for key, value in cached.items():
+                if value is not None:
+                    setattr(this, key, apply_to_collection(value, Tensor, _follow_device, this.device))
+            if _GROUP_TAG not in excluded:
+                tag = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+                setattr(this, _GROUP_TAG, tag)
+                this._defaults[_GROUP_TAG] = tag.clone()
+        return this
 
     # ------------------------------------------------------------------ ticks
     def _tick_decay(self) -> bool:
@@ -350,12 +384,14 @@ class DecayedSumMetric(Metric):
 
     def get_extra_state(self) -> dict[str, Any]:
         """Tick count and counters, saved in ``state_dict`` next to the tensor states."""
+        # While synced (inside `sync_context`) the states are the pooled ones: save the pooled counters with them.
+        counters = self._counters_for_compute()
         return {
             "format": _EXTRA_STATE_FORMAT,
             "ticks": self._ticks,
             "alpha": self._alpha,
             "replica": self._replica,
-            **self._extra_counters(),
+            **counters,
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -377,6 +413,16 @@ class DecayedSumMetric(Metric):
             {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
         )
 
+    def _saves_states(self) -> bool:
+        """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
+        return any(self._persistent[name] for name in self._state_names())
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The tick count and counters travel only with the states they describe: `persistent(False)` saves nothing.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._saves_states():
+            destination.pop(prefix + EXTRA_STATE_KEY, None)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -387,15 +433,33 @@ class DecayedSumMetric(Metric):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
+        state_dict.pop(prefix + _GROUP_TAG, None)
+        names = self._state_names()
+        current = {name: getattr(self, name) for name in names}
+        errors = state_errors(state_dict, prefix, current, names)
+        errors += extra_state_errors(state_dict, prefix, type(self).__name__, self._extra_counters())
+        if errors:  # torch's way: load_state_dict raises one RuntimeError listing them; this metric is unchanged
+            error_msgs.extend(errors)
+            return
+        present = [name for name in names if prefix + name in state_dict]
+        if not present:  # counters without the states they count (an older `persistent(False)` state dict)
+            state_dict.pop(prefix + EXTRA_STATE_KEY, None)
         # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
         for key in self._defaults:
             name = prefix + key
             if name in state_dict and isinstance(state_dict[name], Tensor):
-                current = getattr(self, key)
-                state_dict[name] = state_dict[name].to(device=current.device, dtype=current.dtype).clone()
+                value = getattr(self, key)
+                state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
+        missing = [prefix + name for name in names if self._persistent[name] and name not in present]
+        if not present:  # the states are reported missing, or are not saved at all: not the counters as well
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
+        missing_keys.extend(missing)
         self._computed = None
 
     # ------------------------------------------------------------------ distributed

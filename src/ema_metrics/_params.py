@@ -7,6 +7,16 @@ from numbers import Real
 
 __all__ = ["resolve_alpha"]
 
+#: The smallest usable smoothing factor: below ``2**-53`` the decay ``1 - alpha`` rounds to 1 (or to ``1 - 2**-53``,
+#: a different alpha) in float64, so the average would never move, or would move at another rate than asked.
+MIN_ALPHA = 2.0**-53
+# The largest usable value of each derived parametrisation (the one that gives MIN_ALPHA).
+_MAX_DERIVED = {
+    "half_life": math.log(0.5) / math.log1p(-MIN_ALPHA),
+    "span": 2.0 / MIN_ALPHA - 1.0,
+    "com": 1.0 / MIN_ALPHA - 1.0,
+}
+
 
 def _check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -28,7 +38,10 @@ def resolve_alpha(
     """Turn exactly one of ``alpha``, ``half_life``, ``span`` or ``com`` into the smoothing factor ``alpha``.
 
     The formulas are those of :meth:`pandas.Series.ewm`: ``com`` gives ``1 / (1 + com)``, ``span`` gives
-    ``2 / (span + 1)`` and ``half_life`` gives ``1 - 0.5 ** (1 / half_life)``.
+    ``2 / (span + 1)`` and ``half_life`` gives ``1 - 0.5 ** (1 / half_life)`` (computed as
+    ``-expm1(log(0.5) / half_life)``, which does not cancel for long half-lives). A smoothing factor below
+    ``2**-53`` (about ``1.1e-16``, for example ``half_life`` above about ``6.2e15``) is refused: its decay
+    ``1 - alpha`` rounds to 1 in float64.
 
     Args:
         alpha: smoothing factor, in ``(0, 1]``.
@@ -41,7 +54,8 @@ def resolve_alpha(
 
     Raises:
         TypeError: If the chosen argument is not a real number.
-        ValueError: If not exactly one argument is given, or the given one is out of range.
+        ValueError: If not exactly one argument is given, or the given one is out of range (including values that
+            give an ``alpha`` too small for float64).
 
     Example:
         >>> from ema_metrics import resolve_alpha
@@ -64,15 +78,28 @@ def resolve_alpha(
     if name == "alpha":
         if not 0.0 < value <= 1.0:
             raise ValueError(f"Expected argument `alpha` to be in (0, 1], but got {raw!r}")
+        if value < MIN_ALPHA:
+            raise ValueError(
+                f"Expected argument `alpha` to be at least 2**-53 (about {MIN_ALPHA:.4g}), the smallest smoothing"
+                f" factor whose decay `1 - alpha` differs from 1 in float64, but got {raw!r}"
+            )
         return value
     if name == "half_life":
         if value <= 0.0:
             raise ValueError(f"Expected argument `half_life` to be a positive number, but got {raw!r}")
-        return 1.0 - math.exp(math.log(0.5) / value)
-    if name == "span":
+        alpha = -math.expm1(math.log(0.5) / value)
+    elif name == "span":
         if value < 1.0:
             raise ValueError(f"Expected argument `span` to be a number >= 1, but got {raw!r}")
-        return 2.0 / (value + 1.0)
-    if value < 0.0:
-        raise ValueError(f"Expected argument `com` to be a number >= 0, but got {raw!r}")
-    return 1.0 / (1.0 + value)
+        alpha = 2.0 / (value + 1.0)
+    else:
+        if value < 0.0:
+            raise ValueError(f"Expected argument `com` to be a number >= 0, but got {raw!r}")
+        alpha = 1.0 / (1.0 + value)
+    if alpha < MIN_ALPHA:
+        raise ValueError(
+            f"Expected argument `{name}` to be at most {_MAX_DERIVED[name]:.6g}, which gives the smallest smoothing"
+            f" factor alpha = 2**-53 whose decay `1 - alpha` differs from 1 in float64, but got {raw!r}"
+            f" (alpha = {alpha:.3g})"
+        )
+    return alpha

@@ -1,0 +1,243 @@
+"""The torchmetrics ``Metric`` contract: dtype moves, persistence, state-dict errors and plotting.
+
+Values are checked against the float64 loop of ``tests.test_ema_reference`` and a float64 MSE written here; error
+texts against what ``torch.nn.Module.load_state_dict`` itself says.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics import Metric
+from torchmetrics.regression import MeanSquaredError
+
+from ema_metrics import EMAMetric, EMAWrapper
+from tests.test_ema_reference import ATOL, RTOL, ema_oracle
+
+VALUES = [1.0 / 3.0, 2.0 / 7.0, 5.0 / 11.0]
+
+
+def _mse_oracle(pairs: list[tuple[float, float]], alpha: float) -> float:
+    beta = 1.0 - alpha
+    sse = n = 0.0
+    for p, t in pairs:
+        sse = beta * sse + (p - t) ** 2
+        n = beta * n + 1.0
+    return sse / n
+
+
+def _fed_ema() -> tuple[Metric, float]:
+    metric = EMAMetric(alpha=0.3)
+    for v in VALUES:
+        metric.update(v)
+    return metric, float(ema_oracle([[(v, 1.0)] for v in VALUES], 0.3)[-1])
+
+
+def _fed_wrapper() -> tuple[Metric, float]:
+    metric = EMAWrapper(MeanSquaredError(), alpha=0.3)
+    pairs = [(v, v * v) for v in VALUES]
+    for p, t in pairs:
+        metric.update(torch.tensor([p], dtype=torch.float64), torch.tensor([t], dtype=torch.float64))
+    return metric, _mse_oracle(pairs, 0.3)
+
+
+FED = {"EMAMetric": _fed_ema, "EMAWrapper": _fed_wrapper}
+MOVES: dict[str, Callable[[Metric], Any]] = {
+    "half": lambda m: m.half(),
+    "to-bfloat16": lambda m: m.to(torch.bfloat16),
+    "to-float16": lambda m: m.to(torch.float16),
+    "set_dtype-bfloat16": lambda m: m.set_dtype(torch.bfloat16),
+    "set_dtype-half": lambda m: m.set_dtype(torch.half),
+    "float": lambda m: m.float(),
+}
+
+
+# ----------------------------------------------------------------------------------------------- dtype moves
+
+
+@pytest.mark.parametrize("move", list(MOVES.values()), ids=list(MOVES))
+@pytest.mark.parametrize("fed", list(FED.values()), ids=list(FED))
+def test_dtype_move_never_rounds_the_cached_value(fed: Callable[[], tuple[Metric, float]], move: Any) -> None:
+    metric, expected = fed()
+    cached = metric.compute()  # torchmetrics keeps it in `_computed`
+    assert cached.dtype == torch.float64
+    move(metric)
+    after = metric.compute()
+    assert after.dtype == torch.float64
+    assert float(after) == float(cached)
+    np.testing.assert_allclose(float(after), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("move", list(MOVES.values()), ids=list(MOVES))
+def test_dtype_move_keeps_the_forward_value_unrounded(move: Any) -> None:
+    metric = EMAMetric(alpha=0.3)
+    out = metric(1.0 / 3.0)
+    move(metric)
+    assert metric._forward_cache is not None
+    assert metric._forward_cache.dtype == torch.float64
+    assert float(metric._forward_cache) == float(out) == 1.0 / 3.0
+
+
+# ----------------------------------------------------------------------------------------------- persistence
+
+
+def _round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+def _with_nan() -> EMAMetric:
+    metric = EMAMetric(alpha=0.5)
+    for v in (1.0, math.nan, 3.0, math.inf):
+        metric.update(v)
+    return metric
+
+
+@pytest.mark.parametrize("kind", ["EMAMetric", "EMAWrapper"])
+def test_not_persistent_saves_nothing_and_loads_fresh(kind: str) -> None:
+    used = _with_nan() if kind == "EMAMetric" else FED["EMAWrapper"]()[0]
+    used.persistent(False)
+    state = _round_trip(used.state_dict())
+    assert state == {}
+    fresh = EMAMetric(alpha=0.5) if kind == "EMAMetric" else EMAWrapper(MeanSquaredError(), alpha=0.5)
+    fresh.persistent(False)
+    fresh.load_state_dict(state)  # strict: nothing is expected
+    assert fresh.ticks == 0
+    if isinstance(fresh, EMAMetric):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no phantom non-finite values
+            for v in (2.0, 6.0):
+                fresh.update(v)
+            value = float(fresh.compute())
+        np.testing.assert_allclose(value, ema_oracle([[(2.0, 1.0)], [(6.0, 1.0)]], 0.5)[-1], rtol=RTOL, atol=ATOL)
+
+
+def test_counters_without_states_are_not_loaded() -> None:
+    # an older `persistent(False)` state dict carried the counters alone
+    counters_only = {"_extra_state": {"format": 1, "ticks": 4, "alpha": 0.5, "numel": 4}}
+    fresh = EMAMetric(alpha=0.5)
+    result = fresh.load_state_dict(counters_only, strict=False)
+    assert result.missing_keys == ["sums"]
+    assert fresh.ticks == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.update(3.0)
+        assert float(fresh.compute()) == 3.0
+
+
+def test_state_dict_taken_while_synced_reloads_consistent_counters() -> None:
+    # A two-rank sync in one process: the "other rank" is a second metric whose packed state the sync gathers.
+    rank0, rank1 = EMAMetric(alpha=0.4), EMAMetric(alpha=0.4)
+    data0 = [[1.0, math.nan], [2.0, 5.0], [math.inf, 4.0]]
+    data1 = [[3.0, 3.0], [math.nan, math.nan], [0.5, 1.5]]
+    for metric, data in ((rank0, data0), (rank1, data1)):
+        for tick_values in data:
+            metric.update(torch.tensor(tick_values))
+
+    def gather(packed: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        return [packed, rank1._pack()]
+
+    with rank0.sync_context(dist_sync_fn=gather, distributed_available=lambda: True):
+        state = _round_trip(rank0.state_dict())
+    assert not rank0._is_synced
+    pooled = EMAMetric(alpha=0.4)
+    pooled.load_state_dict(state)
+    assert pooled.ticks == 3
+    ticks = [[(a, 1.0), (b, 1.0)] for a, b in zip(data0, data1, strict=True)]
+    with pytest.warns(UserWarning, match="4 non-finite"):
+        value = float(pooled.compute())
+    np.testing.assert_allclose(value, ema_oracle(ticks, 0.4)[-1], rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- bad state dicts
+
+
+def _torch_error(shape_saved: tuple[int, ...], shape_now: tuple[int, ...], name: str) -> str:
+    """What torch itself says when a buffer of the wrong shape is loaded."""
+    module = torch.nn.Module()
+    module.register_buffer(name, torch.zeros(shape_now))
+    with pytest.raises(RuntimeError) as info:
+        module.load_state_dict({name: torch.zeros(shape_saved)})
+    return str(info.value).split("\n", 1)[1]  # without the line naming the class
+
+
+def _assert_unchanged(metric: Metric, before: dict[str, torch.Tensor], ticks: int) -> None:
+    for name, value in before.items():
+        assert torch.equal(getattr(metric, name), value)
+    assert metric.ticks == ticks  # type: ignore[attr-defined]
+
+
+def test_wrong_shape_is_reported_as_torch_does() -> None:
+    metric, _ = _fed_ema()
+    before, ticks = {"sums": metric.sums.clone()}, metric.ticks
+    state = metric.state_dict()
+    state["sums"] = torch.zeros(3, dtype=torch.float64)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError) as info:
+            metric.load_state_dict(state, strict=strict)
+        assert str(info.value).startswith("Error(s) in loading state_dict for EMAMetric:")
+        assert str(info.value).endswith(_torch_error((3,), (4,), "sums"))
+        _assert_unchanged(metric, before, ticks)
+
+
+def test_wrapper_of_another_class_count_is_reported_per_state() -> None:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    saved = EMAWrapper(MulticlassAccuracy(num_classes=3, average="macro"), alpha=0.5)
+    saved.update(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]))
+    target = EMAWrapper(MulticlassAccuracy(num_classes=4, average="macro"), alpha=0.5)
+    target.update(torch.tensor([3, 1]), torch.tensor([3, 1]))
+    before = {name: getattr(target, name).clone() for name in target._state_names()}
+    with pytest.raises(RuntimeError) as info:
+        target.load_state_dict(_round_trip(saved.state_dict()))
+    for name in target._state_names():
+        assert f"size mismatch for {name}: copying a param with shape torch.Size([3])" in str(info.value)
+    _assert_unchanged(target, before, 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        ({"sums": [1.0, 1.0, 1.0, 0.0]}, r'parameter named "sums".*received <class \'list\'>'),
+        ({"sums": torch.zeros(4, dtype=torch.complex64)}, r'"sums".*complex64'),
+        ({"_extra_state": {"ticks": -1, "numel": 1}}, r"`ticks`.*non-negative integer.*-1"),
+        ({"_extra_state": {"ticks": 1.5, "numel": 1}}, r"`ticks`.*1\.5"),
+        ({"_extra_state": {"ticks": 2, "numel": "3"}}, r"`numel`.*'3'"),
+        ({"_extra_state": [2, 3]}, r"_extra_state.*EMAMetric.*dict.*\[2, 3\]"),
+    ],
+)
+def test_damaged_entries_are_reported_and_leave_the_metric(edit: dict[str, Any], pattern: str) -> None:
+    metric, _ = _fed_ema()
+    before, ticks = {"sums": metric.sums.clone()}, metric.ticks
+    state = {**metric.state_dict(), **edit}
+    with pytest.raises(RuntimeError, match=rf"Error\(s\) in loading state_dict for EMAMetric:\n\t.*{pattern}"):
+        metric.load_state_dict(state)
+    _assert_unchanged(metric, before, ticks)
+
+
+def test_missing_and_unexpected_keys_as_torch_reports_them() -> None:
+    reference = torch.nn.Module()
+    reference.register_buffer("sums", torch.zeros(4))
+    metric, _ = _fed_ema()
+    before, ticks = {"sums": metric.sums.clone()}, metric.ticks
+    bogus = {"bogus": torch.zeros(1)}
+    for ours_state, theirs_state in (({}, {}), ({**metric.state_dict(), **bogus}, {"sums": torch.zeros(4), **bogus})):
+        with pytest.raises(RuntimeError) as ours:
+            metric.load_state_dict(ours_state)
+        with pytest.raises(RuntimeError) as theirs:
+            reference.load_state_dict(theirs_state)
+        assert str(ours.value).split("\n", 1)[1] == str(theirs.value).split("\n", 1)[1]
+    _assert_unchanged(metric, before, ticks)
+    # without strict, the keys come back as torch returns them and the metric is left as it was
+    result = metric.load_state_dict({}, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (["sums"], [])
+    _assert_unchanged(metric, before, ticks)
