@@ -17,7 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.regression import MeanSquaredError
 
-from ema_metrics import EMAMetric, EMAWrapper
+from ema_metrics import EMAMetric, EMAWrapper, _sync
 from tests.test_ema_reference import ATOL, RTOL, ema_oracle
 
 VALUES = [1.0 / 3.0, 2.0 / 7.0, 5.0 / 11.0]
@@ -144,7 +144,7 @@ def test_state_dict_taken_while_synced_reloads_consistent_counters() -> None:
             metric.update(torch.tensor(tick_values))
 
     def gather(packed: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
-        return [packed, rank1._pack()]
+        return [packed, _sync.local_vector([rank1]).vector]
 
     with rank0.sync_context(dist_sync_fn=gather, distributed_available=lambda: True):
         state = _round_trip(rank0.state_dict())

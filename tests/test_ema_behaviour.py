@@ -328,7 +328,7 @@ def test_state_dict_round_trip_continues_the_curve(adjust: bool, break_at: int) 
     first = EMAMetric(**kwargs)
     curve = [float(first(x, weight=w)) for x, w in stream[:break_at]]
     state = _round_trip(first.state_dict())
-    assert set(state) == {"sums", "_extra_state"}
+    assert set(state) == {"sums", "scale", "_extra_state"}
     resumed = EMAMetric(**kwargs)
     resumed.load_state_dict(state)
     assert resumed.ticks == break_at

@@ -16,7 +16,8 @@ from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.lightning_helpers import N_FEATURES, IndexedData, loader  # noqa: E402
 
-TICKS = 4  # index of the tick count in an EMAMetric state vector: [num, den, finite, rejected, ticks, replica, numel]
+# an EMAMetric state vector: [num, den, finite, rejected, ticks, replica, scale, numel]
+TICKS = 4
 
 
 class Tiny(pl.LightningModule):
@@ -83,7 +84,7 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     ),
     "a row too short": (
         lambda e: e["ranks"]["metrics"].update(train_loss=_rows(e)[:, :-1]),
-        r"expected a float vector of 7 values .* shape \(6,\)",
+        r"expected a float vector of 8 values .* shape \(7,\)",
     ),
     "no world_size": (lambda e: e["ranks"].pop("world_size"), r"has no \['world_size'\]"),
     "world_size not matching the rows": (lambda e: e["ranks"].update(world_size=2), r"expected a tensor of 2 rows"),

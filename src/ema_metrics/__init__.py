@@ -1,6 +1,7 @@
 """Exact, debiased, weighted exponential moving averages as torchmetrics metrics."""
 
-from ema_metrics._base import DecayedSumMetric, find_ema_metrics, sum_ranks, synced_values, tick
+from ema_metrics._base import DecayedSumMetric
+from ema_metrics._functions import find_ema_metrics, sum_ranks, synced_values, tick
 from ema_metrics._params import resolve_alpha
 from ema_metrics.ema import EMAMetric
 from ema_metrics.wrapper import EMAWrapper

@@ -1,16 +1,17 @@
-"""The one mechanism behind every metric here: decayed sums, ticked, packed for a single collective.
+"""``DecayedSumMetric``: the torchmetrics contract for metrics whose states are exponentially decayed sums.
 
-A tick is "multiply every decayed state by ``beta``, then add this tick's sums". Summing such states across
-ranks is exact, so a distributed sync is one ``all_gather`` of all states packed into one vector, followed by
-a per-state ``dist_reduce_fx`` (:func:`sum_ranks` for every decayed sum).
+A tick is "multiply every decayed state by ``beta``, then add this tick's sums" (:mod:`ema_metrics._decay`, the one
+place where that happens). Summing such states across ranks is exact once their scales are aligned, which every sync
+does in one place (:mod:`ema_metrics._sync`). This class holds what every EMA metric shares: the tick API, the
+scale, the checks of a sync, ``merge_state``, persistence and the compute-group guard. The interface with the
+Lightning callback is :mod:`ema_metrics._rank_state`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -18,34 +19,20 @@ import torch
 import torch.distributed as dist
 from lightning_utilities import apply_to_collection
 from torch import Tensor
-from torch.nn.modules import module as _nn_module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ema_metrics import _decay, _sync
+from ema_metrics._fast import FastCalls
 from ema_metrics._params import resolve_alpha
 from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
 
-__all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
+__all__ = ["DecayedSumMetric"]
 
 _STATE_DTYPE = torch.float64
-_EXTRA_STATE_FORMAT = 1
+_EXTRA_STATE_FORMAT = 2
 _GROUP_TAG = "instance_tag"
-
-
-def sum_ranks(stacked: Tensor) -> Tensor:
-    """Reduce a state gathered from all ranks, of shape ``(world_size, ...)``, by an exact float64 sum.
-
-    This is the ``dist_reduce_fx`` of every decayed sum. The sum runs in float64 whatever the state's dtype, so
-    the reduced value does not depend on the order of the ranks beyond float64 rounding.
-
-    Example:
-        >>> import torch
-        >>> from ema_metrics import sum_ranks
-        >>> sum_ranks(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-        tensor([4., 6.])
-
-    """
-    return stacked.sum(dim=0, dtype=_STATE_DTYPE).to(stacked.dtype)
+_SCALE = "scale"
 
 
 def _follow_device(x: Tensor, device: torch.device) -> Tensor:
@@ -56,21 +43,7 @@ def _distributed_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_gather_packed(packed: Tensor, group: Any | None) -> Tensor:
-    """Gather one 1-D tensor from every rank with a single collective; returns ``(world_size, n)``."""
-    world = dist.get_world_size(group)
-    out = packed.new_empty((world, packed.numel()))
-    dist.all_gather(list(out.unbind(0)), packed, group=group)
-    return out
-
-
-def _gather(packed: Tensor, group: Any | None, dist_sync_fn: Callable[..., Any] | None) -> Tensor:
-    if dist_sync_fn is None or dist_sync_fn is gather_all_tensors:
-        return _all_gather_packed(packed, group)
-    return torch.stack(list(dist_sync_fn(packed, group=group)))
-
-
-class DecayedSumMetric(Metric):
+class DecayedSumMetric(FastCalls):
     """Base class: states that are exponentially decayed sums, advanced one *tick* at a time.
 
     Subclasses register their decayed states with :meth:`_add_decayed_state` and apply a tick's sums in
@@ -86,6 +59,7 @@ class DecayedSumMetric(Metric):
 
     full_state_update: bool = False
     is_differentiable: bool = False
+    scale: Tensor
 
     def __init__(
         self,
@@ -112,62 +86,11 @@ class DecayedSumMetric(Metric):
         self._replica = False
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
+        self._renorm_every = _decay.renorm_interval(self.beta)
+        self._renorm_at = self._renorm_every
         self._add_group_tag()
-
-    # ------------------------------------------------------------------ call overhead
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call :meth:`forward`, skipping ``nn.Module``'s hook machinery when no hook is registered.
-
-        ``forward`` runs on every training micro-batch, and the generic ``nn.Module.__call__`` costs about as much
-        as the whole update. With any hook, or a compiled module, the generic path runs.
-        """
-        if (
-            self._forward_hooks
-            or self._forward_pre_hooks
-            or self._backward_hooks
-            or self._backward_pre_hooks
-            or self._compiled_call_impl is not None
-            or _nn_module._global_forward_hooks
-            or _nn_module._global_forward_pre_hooks
-            or _nn_module._global_backward_hooks
-            or _nn_module._global_backward_pre_hooks
-        ):
-            return super().__call__(*args, **kwargs)
-        return self.forward(*args, **kwargs)
-
-    def to(self, *args: Any, **kwargs: Any) -> Any:
-        """Move the metric (see :meth:`torch.nn.Module.to`); a move to its own device with no dtype is free.
-
-        Lightning calls ``metric.to(device)`` on every ``self.log(name, metric)``, that is on every micro-batch.
-        """
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is None and device is not None and device == self.device:
-            return self
-        return super().to(*args, **kwargs)
-
-    def _wrap_update(self, update: Callable[..., Any]) -> Callable[..., Any]:
-        """Count updates and clear the cached value; no grad context, since every input is detached."""
-
-        @functools.wraps(update)
-        def wrapped_func(*args: Any, **kwargs: Any) -> None:
-            try:
-                update(*args, **kwargs)
-            except RuntimeError as err:
-                raise self._clear_device_error(err) from err
-            d = self.__dict__
-            d["_computed"] = None
-            d["_update_count"] += 1
-
-        return wrapped_func
-
-    def _clear_device_error(self, err: RuntimeError) -> RuntimeError:
-        """A device mismatch raised by an update, reworded to say what to do (the state is unchanged)."""
-        if "Expected all tensors to be on" not in str(err) and "device" not in str(err):
-            return err
-        return RuntimeError(
-            f"{type(self).__name__}: the input is on another device than the metric ({self.device}). Move the"
-            f" metric with `.to(device)`, or pass the input on {self.device}. The state is unchanged. ({err})"
-        )
+        # the power-of-two exponent of the decayed states (see ema_metrics._decay); pooled by aligning, not summing
+        self.add_state(_SCALE, torch.zeros((), dtype=_STATE_DTYPE), dist_reduce_fx=None, persistent=True)
 
     # ------------------------------------------------------------------ parametrisation
     @property
@@ -185,10 +108,10 @@ class DecayedSumMetric(Metric):
         """Number of completed ticks since construction or the last :meth:`reset`."""
         return self._ticks
 
-    # ------------------------------------------------------------------ states
+    # ------------------------------------------------------------------ decayed states
     def _add_decayed_state(self, name: str, default: Tensor, decay_mask: Tensor | None = None) -> None:
         """Register a float64 state that is decayed every tick (``decay_mask`` picks the decayed entries)."""
-        self.add_state(name, default.to(_STATE_DTYPE), dist_reduce_fx=sum_ranks, persistent=True)
+        self.add_state(name, default.to(_STATE_DTYPE), dist_reduce_fx="sum", persistent=True)
         mask = torch.ones_like(default, dtype=torch.bool) if decay_mask is None else decay_mask.to(torch.bool)
         self._decay_masks[name] = mask
 
@@ -205,9 +128,30 @@ class DecayedSumMetric(Metric):
             self._factor_cache[key] = cached
         return cached
 
+    def _masks(self) -> list[Tensor]:
+        """The decay masks on the states' device (cached with the factors)."""
+        return [self._factor(name, 0.0) == 0 for name in self._state_names()]
+
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
-            getattr(self, name).mul_(self._factor(name, factor))
+            _decay.decay_(getattr(self, name), self._factor(name, factor))
+
+    def _decay_add_(self, name: str, increment: Tensor, decay: bool) -> None:
+        """Decay state ``name`` (if ``decay``) and add ``increment`` to it, in one fused operation."""
+        _decay.decay_add_(getattr(self, name), increment, self._factor(name, self.beta if decay else 1.0))
+
+    def _renormalize(self) -> None:
+        """Keep the decayed states of a metric without data from underflowing (see :mod:`ema_metrics._decay`)."""
+        _decay.renormalize_([getattr(self, n) for n in self._state_names()], self._masks(), self.scale)
+        self.__dict__["_renorm_at"] = self._ticks + self._renorm_every
+
+    def _effective_scale(self) -> Tensor:
+        """The exponent this rank's stored states are at (0 once data arrived, -inf when empty)."""
+        return _decay.effective_scale([getattr(self, n) for n in self._state_names()], self._masks(), self.scale)
+
+    def _canonical(self, states: dict[str, Tensor], scale: Tensor) -> None:
+        """Put pooled ``(states, scale)`` in the form the stored states keep (in place)."""
+        _decay.canonical_([states[n] for n in self._state_names()], self._masks(), scale)
 
     # ------------------------------------------------------------------ compute groups
     def _add_group_tag(self) -> None:
@@ -228,22 +172,32 @@ class DecayedSumMetric(Metric):
         self._persistent[_GROUP_TAG] = False
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        """Apply ``fn`` as torchmetrics does, but keep the cached values' dtype and the group tag's NaN.
+        """Apply ``fn`` as torchmetrics does, except to what must stay float64 and only follows the device.
 
-        torchmetrics converts the cached ``compute``/``forward`` values with ``fn``: a move to half precision would make
-        ``compute`` return a rounded cache. They only follow the device here, like the float64 states.
+        The decayed states and the scale exponent accumulate in float64 whatever ``set_dtype`` or ``.to(dtype)`` asks
+        for (a round trip through half precision would round them), the group tag keeps its NaN, and the cached
+        ``compute``/``forward`` values are not rounded either (torchmetrics converts them with ``fn``).
         """
         excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
         cached = {key: self.__dict__.get(key) for key in ("_computed", "_forward_cache")}
-        this = super()._apply(fn, (*excluded, _GROUP_TAG))
+        own = (*self.__dict__.get("_decay_masks", {}), _SCALE, _GROUP_TAG)
+        this = super()._apply(fn, (*excluded, *own))
         if isinstance(this, DecayedSumMetric):
             for key, value in cached.items():
                 if value is not None:
                     setattr(this, key, apply_to_collection(value, Tensor, _follow_device, this.device))
-            if _GROUP_TAG not in excluded:
-                tag = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
-                setattr(this, _GROUP_TAG, tag)
-                this._defaults[_GROUP_TAG] = tag.clone()
+            for name in own:
+                if name in excluded or name not in this._defaults:
+                    continue
+                if name == _GROUP_TAG:
+                    value = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+                else:
+                    value = getattr(this, name).to(device=this.device)
+                setattr(this, name, value)
+                default = this._defaults[name]
+                if isinstance(default, Tensor):
+                    this._defaults[name] = default.to(device=this.device)
+            this._factor_cache.clear()
         return this
 
     # ------------------------------------------------------------------ ticks
@@ -266,6 +220,8 @@ class DecayedSumMetric(Metric):
         if d["_ticks"] == 0 and not self.adjust:
             self._scale_decayed_(1.0 / self._alpha)
         d["_ticks"] += 1
+        if d["_ticks"] >= d["_renorm_at"]:
+            self._renormalize()
 
     def begin_tick(self) -> None:
         """Open a tick: every update until :meth:`end_tick` pools into this one tick.
@@ -355,6 +311,7 @@ class DecayedSumMetric(Metric):
         self._ticks = 0
         self._tick_decayed = False
         self._replica = False
+        self._renorm_at = self._renorm_every
         self._reset_counters()
 
     def _dereplicate(self) -> None:
@@ -369,6 +326,7 @@ class DecayedSumMetric(Metric):
         if rank != 0:
             for name in self._state_names():
                 getattr(self, name).zero_()
+            self.scale.zero_()
             self._set_extra_counters({name: 0 for name in self._extra_counters()})
         self._computed = None
 
@@ -383,14 +341,14 @@ class DecayedSumMetric(Metric):
         """Restore the counters of :meth:`_extra_counters` (hook)."""
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Tick count and counters, saved in ``state_dict`` next to the tensor states."""
+        """Tick count, replica flag and counters, saved in ``state_dict`` next to the tensor states."""
         # While synced (inside `sync_context`) the states are the pooled ones: save the pooled counters with them.
         counters = self._counters_for_compute()
         return {
             "format": _EXTRA_STATE_FORMAT,
             "ticks": self._ticks,
             "alpha": self._alpha,
-            "replica": self._replica,
+            "replica": self._replica or self._is_synced,
             **counters,
         }
 
@@ -408,6 +366,7 @@ class DecayedSumMetric(Metric):
             )
         self._ticks = int(state.get("ticks", 0))
         self._replica = bool(state.get("replica", False))
+        self._renorm_at = self._ticks + self._renorm_every
         self._update_count = max(self._update_count, self._ticks)
         self._set_extra_counters(
             {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
@@ -462,105 +421,35 @@ class DecayedSumMetric(Metric):
         missing_keys.extend(missing)
         self._computed = None
 
-    # ------------------------------------------------------------------ distributed
+    # ------------------------------------------------------------------ sync (see ema_metrics._sync)
     def _state_names(self) -> list[str]:
-        """The states that are synced, packed and restored: the decayed ones."""
+        """The states that are decayed, synced and restored."""
         return list(self._decay_masks)
 
-    def _pack(self) -> Tensor:
-        """All states and counters of this rank as one float64 vector."""
-        parts = [getattr(self, name).reshape(-1).to(_STATE_DTYPE) for name in self._state_names()]
-        counters = [float(self._ticks), float(self._replica), *map(float, self._extra_counters().values())]
-        parts.append(torch.tensor(counters, dtype=_STATE_DTYPE, device=parts[0].device))
-        return torch.cat(parts)
-
-    def _packed_size(self) -> int:
-        return sum(int(getattr(self, n).numel()) for n in self._state_names()) + 2 + len(self._extra_counters())
-
-    def _split_vector(self, vector: Tensor) -> dict[str, Tensor]:
-        """The decayed states held by a vector laid out as :meth:`_pack` makes it (shaped like the states)."""
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for name in self._state_names():
-            local = getattr(self, name)
-            out[name] = vector[offset : offset + local.numel()].reshape(local.shape)
-            offset += local.numel()
-        return out
+    def _sync_config(self) -> tuple[Any, ...]:
+        """What must agree between ranks besides the class and the state layout (hook; extend in subclasses)."""
+        return (repr(self._alpha), self.adjust)
 
     def _check_states(self, states: dict[str, Tensor]) -> str | None:
         """What is wrong with these (loaded) states, or ``None`` (hook: e.g. a negative summed weight)."""
         return None
 
-    def _ticks_index(self) -> int:
-        """Position of the tick count in :meth:`_pack`'s vector."""
-        return sum(int(getattr(self, n).numel()) for n in self._state_names())
-
-    def _load_packed(self, row: Tensor) -> None:
-        """Set this rank's states and counters from one vector laid out as :meth:`_pack` makes it."""
-        offset = 0
-        for name in self._state_names():
-            local = getattr(self, name)
-            size = local.numel()
-            value = row[offset : offset + size].reshape(local.shape).to(device=local.device, dtype=local.dtype)
-            setattr(self, name, value.clone())
-            offset += size
-        rest = row[offset:].tolist()
-        self._ticks = int(rest[0])
-        self._replica = bool(rest[1])
-        self._set_extra_counters({n: int(v) for n, v in zip(self._extra_counters(), rest[2:], strict=True)})
-        self._update_count = max(self._update_count, self._ticks)
-        self._computed = None
-
-    def _unpack_reduced(self, gathered: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Split ``(world_size, n)`` gathered vectors into reduced states and the per-rank counters.
-
-        Pooled replicas (every rank holds the same pooled state) count once: rank 0's row is the pooled state.
-        """
-        replica = gathered[:, self._ticks_index() + 1].tolist()
-        if all(replica) and len(replica) > 1:
-            gathered = gathered[:1]
-        elif any(replica):
-            raise RuntimeError(
-                f"{type(self).__name__}: some ranks hold a pooled replica of the state and others a rank-local"
-                f" state ({[bool(r) for r in replica]}); the states cannot be pooled. Load the same checkpoint on"
-                " every rank, or reset the metric."
-            )
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for name in self._state_names():
-            local = getattr(self, name)
-            size = local.numel()
-            stacked = gathered[:, offset : offset + size].reshape(gathered.shape[0], *local.shape).to(local.dtype)
-            reduce_fx = self._reductions[name]
-            out[name] = reduce_fx(stacked) if callable(reduce_fx) else stacked
-            offset += size
-        return out, gathered[:, offset:]
-
-    def _apply_counters(self, counters: Tensor) -> None:
-        """Check that every rank ticked the same number of times and keep the summed counters for compute."""
-        ticks = counters[:, 0].tolist()
-        if len(set(ticks)) > 1:
-            raise RuntimeError(
-                f"{type(self).__name__}: ranks ticked different numbers of times ({[int(t) for t in ticks]}); the"
-                " decayed sums of the ranks cannot be added. Every rank must call update/forward (or"
-                " begin_tick/end_tick) the same number of times; pass weight=0 on a rank without data."
-            )
-        names = list(self._extra_counters())
-        summed = counters[:, 2:].sum(dim=0).tolist()
-        self._synced_counters: dict[str, int] | None = {name: int(v) for name, v in zip(names, summed, strict=True)}
-
     def _sync_dist(
         self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any | None = None
     ) -> None:
-        """Sync all states with **one** collective: pack, gather, reduce each state with its ``dist_reduce_fx``."""
-        group = process_group or self.process_group
-        gathered = _gather(self._pack(), group, dist_sync_fn)
-        reduced, counters = self._unpack_reduced(gathered)
-        # Check the tick counts before touching the states: a failed sync must leave the local states as they were
-        # (torchmetrics only restores them on `unsync`, which does not run when the sync raises).
-        self._apply_counters(counters)
-        for name, value in reduced.items():
+        """Pool the states of all ranks (see :mod:`ema_metrics._sync`: one collective for small states).
+
+        The checks run before any state is touched: a failed sync leaves the local states as they were (torchmetrics
+        only restores them on ``unsync``, which does not run when the sync raises).
+        """
+        (pooled,) = _sync.pool([self], process_group or self.process_group, gather=dist_sync_fn)
+        self._adopt(pooled)
+        self._synced_counters: dict[str, int] | None = pooled.counters
+
+    def _adopt(self, pooled: _sync.Pooled) -> None:
+        for name, value in pooled.states.items():
             setattr(self, name, value)
+        setattr(self, _SCALE, pooled.scale)
 
     def unsync(self, should_unsync: bool = True) -> None:
         """Restore the local states after a sync (see :meth:`torchmetrics.Metric.unsync`)."""
@@ -578,110 +467,86 @@ class DecayedSumMetric(Metric):
             flag = self.dist_sync_on_step
         return bool(flag) and self.distributed_available_fn()
 
-    def _value_from_states(self, states: dict[str, Tensor]) -> Tensor:
-        """The metric value computed from (reduced) states, without touching the local states (hook)."""
+    def _value_from_states(
+        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+    ) -> Any:
+        """The value computed from (pooled) states, without touching the local states (hook).
+
+        With ``check``, the deferred checks run on ``counters`` (rejected updates, non-finite values).
+        """
         raise NotImplementedError
 
-    def _synced_forward_value(self) -> Tensor:
-        return synced_values([self], self.process_group)[0]
+    def _value_of(self, pooled: _sync.Pooled) -> Any:
+        """The value of a pooled state, after the checks ``compute`` makes."""
+        return self._value_from_states(pooled.states, counters=pooled.counters, check=True)
+
+    def _synced_forward_value(self) -> Any:
+        (pooled,) = _sync.pool([self], self.process_group)
+        return self._value_of(pooled)
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Pool another metric's state into this one, as a sync across two ranks would (torchmetrics >= 1.6).
+
+        Args:
+            incoming_state: an EMA metric of the same class and configuration that ticked as many times, or a
+                ``state_dict()`` of one (its tick count and counters come with it; a bare dict of its states is
+                taken to have ticked as many times as this metric, with no counters).
+
+        Raises:
+            TypeError: If ``incoming_state`` is neither.
+            ValueError: If the two differ in class, configuration, state layout or tick count.
+
+        Example:
+            >>> from ema_metrics import EMAMetric
+            >>> a, b = EMAMetric(alpha=0.5), EMAMetric(alpha=0.5)
+            >>> for step, (x, y) in enumerate([(1.0, 3.0), (2.0, 6.0)]):
+            ...     _ = a(x), b(y)
+            >>> a.merge_state(b)
+            >>> print(f"pooled={a.compute():.4f} ticks={a.ticks}")
+            pooled=3.3333 ticks=2
+
+        """
+        other = _merge_source(self, incoming_state)
+        rows = torch.stack([_sync.flat(self), _sync.flat(other)])
+        scales = torch.stack([self._effective_scale(), other._effective_scale()])
+        pooled = _sync.pool_rows(self, rows, scales, replica=False)
+        counters = {k: v + other._extra_counters()[k] for k, v in self._extra_counters().items()}
+        self._adopt(pooled)
+        self._replica = False
+        self._set_extra_counters(counters)
+        self._computed = None
 
 
-def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None = None) -> list[Tensor]:
-    """Values of several metrics synced across ranks with **one** collective for all of them.
-
-    Every rank must call this with the same metrics in the same order. The local states are left untouched. Without
-    an initialised process group (or with a world of one) no collective is issued and the local values come back.
-
-    Args:
-        metrics: the metrics to sync.
-        process_group: the group to sync over (default: the whole world).
-
-    Returns:
-        The synced value of each metric, in order.
-
-    Example:
-        >>> import torch
-        >>> from ema_metrics import EMAMetric, synced_values
-        >>> a, b = EMAMetric(alpha=0.5), EMAMetric(alpha=0.1)
-        >>> for x in (1.0, 2.0, 4.0):
-        ...     _ = a(x), b(x)
-        >>> print([f"{v:.4f}" for v in synced_values([a, b])])
-        ['3.0000', '2.4391']
-
-    """
-    if not metrics:
-        return []
-    if not _distributed_ready():
-        return [m._value_from_states({n: getattr(m, n) for n in m._state_names()}) for m in metrics]
-    packed = torch.cat([m._pack() for m in metrics])
-    gathered = _gather(packed, process_group, metrics[0].dist_sync_fn)
-    values = []
-    offset = 0
-    for m in metrics:
-        size = m._packed_size()
-        reduced, _ = m._unpack_reduced(gathered[:, offset : offset + size])
-        values.append(m._value_from_states(reduced))
-        offset += size
-    return values
-
-
-@contextmanager
-def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedSumMetric]]:
-    """Group the updates of several metrics (or of every EMA metric inside modules) into one tick each.
-
-    Args:
-        metrics: metrics, or modules whose EMA metrics (nested submodules included) should tick together.
-
-    Example:
-        >>> from ema_metrics import EMAMetric, tick
-        >>> loss, acc = EMAMetric(alpha=0.5), EMAMetric(alpha=0.5)
-        >>> for step, micro in enumerate([[(1.0, 0.0), (3.0, 1.0)], [(2.0, 1.0), (2.0, 1.0)]]):
-        ...     with tick(loss, acc):
-        ...         for l, a in micro:
-        ...             loss.update(l)
-        ...             acc.update(a)
-        ...     print(f"{step=} loss={loss.compute():.4f} acc={acc.compute():.4f}")
-        step=0 loss=2.0000 acc=0.5000
-        step=1 loss=2.0000 acc=0.8333
-
-    """
-    found = find_ema_metrics(*metrics)
-    opened: list[DecayedSumMetric] = []
-    try:
-        for m in found:
-            m.begin_tick()
-            opened.append(m)
-        yield found
-    finally:
-        for m in opened:
-            m.end_tick()
-
-
-def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedSumMetric]:
-    """Every EMA metric in ``objs``: metrics themselves, or found inside modules (nested included), deduplicated.
-
-    Example:
-        >>> import torch
-        >>> from ema_metrics import EMAMetric, find_ema_metrics
-        >>> model = torch.nn.Module()
-        >>> model.loss = EMAMetric(alpha=0.1)
-        >>> model.head = torch.nn.Module()
-        >>> model.head.acc = EMAMetric(alpha=0.1)
-        >>> len(find_ema_metrics(model))
-        2
-
-    """
-    out: list[DecayedSumMetric] = []
-    seen: set[int] = set()
-    for obj in objs:
-        if isinstance(obj, DecayedSumMetric):
-            candidates: list[Any] = [obj]
-        elif isinstance(obj, torch.nn.Module):
-            candidates = list(obj.modules())
-        else:
-            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {obj!r}")
-        for m in candidates:
-            if isinstance(m, DecayedSumMetric) and id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-    return out
+def _merge_source(metric: DecayedSumMetric, incoming: Any) -> DecayedSumMetric:
+    """The metric to merge from: ``incoming`` itself, or a copy of ``metric`` loaded with the incoming state dict."""
+    name = type(metric).__name__
+    if isinstance(incoming, dict):
+        other = metric.clone()
+        other.reset()
+        has_extra = EXTRA_STATE_KEY in incoming
+        if not has_extra:
+            incoming = {**incoming, EXTRA_STATE_KEY: {"ticks": metric.ticks}}
+        missing = [n for n in metric._state_names() if n not in incoming]
+        if missing:
+            raise ValueError(f"{name}.merge_state: the incoming state has no {missing}")
+        try:
+            other.load_state_dict({k: v for k, v in incoming.items() if k != _GROUP_TAG}, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"{name}.merge_state: the incoming state does not fit this metric: {err}") from err
+        incoming = other
+    if not isinstance(incoming, DecayedSumMetric):
+        raise TypeError(
+            f"Expected argument `incoming_state` to be an EMA metric or a dict of its states, but got"
+            f" {type(incoming).__name__}"
+        )
+    if _sync.fingerprint(incoming) != _sync.fingerprint(metric):
+        raise ValueError(
+            f"{name}.merge_state: the incoming {type(incoming).__name__} differs in class, configuration"
+            f" ({incoming._sync_config()} vs {metric._sync_config()}) or state layout; only identical EMAs pool"
+        )
+    if incoming.ticks != metric.ticks or incoming.in_tick or metric.in_tick:
+        raise ValueError(
+            f"{name}.merge_state: the two metrics ticked {metric.ticks} and {incoming.ticks} times (or one has an open"
+            " tick); only states of the same tick can be pooled"
+        )
+    return incoming

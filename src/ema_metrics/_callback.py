@@ -14,8 +14,9 @@ from typing import Any
 
 from ema_metrics import _callback_checkpoint as ckpt
 from ema_metrics import _lightning_internals as internals
-from ema_metrics._base import DecayedSumMetric, synced_values
+from ema_metrics._base import DecayedSumMetric
 from ema_metrics._callback_options import CallbackOptions
+from ema_metrics._functions import synced_values
 from ema_metrics.ema import EMAMetric
 
 

@@ -137,6 +137,6 @@ def local_value(metric: DecayedSumMetric) -> Any:
 def _empty_like(metric: DecayedSumMetric, pooled: Tensor) -> Tensor:
     """A vector with no observation but the pooled tick count (a rank that starts from zero on another layout)."""
     out = torch.zeros_like(pooled)
-    at = metric._ticks_index()
+    at = rs.vector_size(metric) - 3 - len(metric._extra_counters())
     out[at] = pooled[at]
     return out

@@ -2,8 +2,8 @@
 
 This is the interface between the metrics and the Lightning callback (checkpoints, epoch continuity, the pooled
 state after a fit). A vector holds, in order, every decayed state flattened, the tick count, the replica flag (1
-when the vector is the pooled state of all ranks) and the metric's summed counters. Vectors of several ranks pool
-exactly by summing (the ranks decayed by the same ``beta`` at the same ticks), once the tick counts agree.
+when the vector is the pooled state of all ranks), the scale exponent and the metric's summed counters. Vectors of
+several ranks pool with the arithmetic of a sync (:func:`ema_metrics._sync.pool_rows`), once the tick counts agree.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ema_metrics._base import DecayedSumMetric, _distributed_ready, _gather
+from ema_metrics import _decay, _sync
+from ema_metrics._base import DecayedSumMetric, _distributed_ready
 
 __all__ = [
     "as_replica",
+    "vector_size",
     "check_vector",
     "gather_vectors",
     "load_vector",
@@ -29,9 +31,21 @@ __all__ = [
 _F64 = torch.float64
 
 
+def _size(metric: DecayedSumMetric) -> int:
+    return sum(getattr(metric, n).numel() for n in metric._state_names())
+
+
+def vector_size(metric: DecayedSumMetric) -> int:
+    """The length of the metric's state vector."""
+    return _size(metric) + 3 + len(metric._extra_counters())
+
+
 def state_vector(metric: DecayedSumMetric) -> Tensor:
     """This rank's state as one float64 vector (a copy, on the metric's device)."""
-    return metric._pack()
+    states = _sync.flat(metric)
+    head = torch.tensor([float(metric.ticks), float(metric._replica)], dtype=_F64, device=states.device)
+    counters = torch.tensor([float(v) for v in metric._extra_counters().values()], dtype=_F64, device=states.device)
+    return torch.cat([states, head, metric.scale.reshape(1).to(_F64), counters])
 
 
 def gather_vectors(metrics: Sequence[DecayedSumMetric]) -> list[Tensor]:
@@ -39,11 +53,15 @@ def gather_vectors(metrics: Sequence[DecayedSumMetric]) -> list[Tensor]:
     if not metrics:
         return []
     packed = torch.cat([state_vector(m) for m in metrics])
-    rows = _gather(packed, None, None) if _distributed_ready() else packed.unsqueeze(0)
+    if _distributed_ready():
+        rows = packed.new_empty((torch.distributed.get_world_size(), packed.numel()))
+        torch.distributed.all_gather(list(rows.unbind(0)), packed)
+    else:
+        rows = packed.unsqueeze(0)
     rows = rows.detach().cpu()
     out, offset = [], 0
     for m in metrics:
-        size = m._packed_size()
+        size = vector_size(m)
         out.append(rows[:, offset : offset + size].clone())
         offset += size
     return out
@@ -54,7 +72,7 @@ def check_vector(metric: DecayedSumMetric, vector: Any, where: str) -> Tensor:
     name = type(metric).__name__
     if not isinstance(vector, Tensor):
         raise ValueError(f"{where}: expected a tensor holding a state of {name}, but got {type(vector).__name__}")
-    expected = metric._packed_size()
+    expected = vector_size(metric)
     if vector.dim() != 1 or vector.numel() != expected or not vector.is_floating_point():
         raise ValueError(
             f"{where}: expected a float vector of {expected} values (the state of {name} as configured now), but"
@@ -64,23 +82,47 @@ def check_vector(metric: DecayedSumMetric, vector: Any, where: str) -> Tensor:
     v = vector.to(_F64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{where}: the state of {name} holds non-finite values: {v.tolist()}")
-    ticks_at = metric._ticks_index()
-    ticks, replica, *counters = v[ticks_at:].tolist()
+    ticks_at = _size(metric)
+    ticks, replica, scale, *counters = v[ticks_at:].tolist()
     if ticks < 0 or not float(ticks).is_integer():
         raise ValueError(f"{where}: the tick count of {name} must be a non-negative integer, but got {ticks!r}")
     if replica not in (0.0, 1.0):
         raise ValueError(f"{where}: the replica flag of {name} must be 0 or 1, but got {replica!r}")
+    if scale > 0 or not float(scale).is_integer():
+        raise ValueError(f"{where}: the scale exponent of {name} must be an integer <= 0, but got {scale!r}")
     if any(c < 0 or not float(c).is_integer() for c in counters):
         raise ValueError(f"{where}: the counters of {name} must be non-negative integers, but got {counters!r}")
-    problem = metric._check_states(metric._split_vector(v))
+    problem = metric._check_states(_states(metric, v))
     if problem:
         raise ValueError(f"{where}: {problem}")
     return v
 
 
+def _states(metric: DecayedSumMetric, vector: Tensor) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name in metric._state_names():
+        local = getattr(metric, name)
+        out[name] = vector[offset : offset + local.numel()].reshape(local.shape)
+        offset += local.numel()
+    return out
+
+
 def load_vector(metric: DecayedSumMetric, vector: Any, where: str) -> None:
     """Set the metric's state from a vector (validated first: on error the state is unchanged)."""
-    metric._load_packed(check_vector(metric, vector, where))
+    v = check_vector(metric, vector, where)
+    at = _size(metric)
+    ticks, replica, scale, *counters = v[at:].tolist()
+    device = metric.scale.device
+    for name, value in _states(metric, v).items():
+        setattr(metric, name, value.to(device=device, dtype=_F64).clone())
+    metric.scale = torch.tensor(scale, dtype=_F64, device=device)
+    metric._ticks = int(ticks)
+    metric._replica = bool(replica)
+    metric._renorm_at = metric._ticks + metric._renorm_every
+    metric._set_extra_counters({n: int(c) for n, c in zip(metric._extra_counters(), counters, strict=True)})
+    metric._update_count = max(metric._update_count, metric._ticks)
+    metric._computed = None
 
 
 def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
@@ -94,32 +136,36 @@ def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
         shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
         raise ValueError(f"{where}: expected a (world_size, n) tensor of per-rank states, but got {shape}")
     checked = torch.stack([check_vector(metric, row, f"{where}, rank {r}") for r, row in enumerate(rows)])
-    ticks_at = metric._ticks_index()
-    ticks = checked[:, ticks_at].tolist()
+    at = _size(metric)
+    ticks = checked[:, at].tolist()
     if len(set(ticks)) > 1:
         raise ValueError(
             f"{where}: the ranks of {type(metric).__name__} ticked different numbers of times"
             f" ({[int(t) for t in ticks]}); their states cannot be pooled"
         )
-    replica = checked[:, ticks_at + 1]
-    if bool((replica == 1).all()):
-        pooled = checked[0].clone()
-    else:
-        pooled = checked.sum(dim=0)
-        pooled[ticks_at] = ticks[0]
-    pooled[ticks_at + 1] = 0.0
-    return pooled
+    masks = [m.cpu() for m in metric._masks()]
+    scales = torch.stack(
+        [_decay.effective_scale(list(_states(metric, row).values()), masks, row[at + 2]) for row in checked]
+    )
+    replica = bool((checked[:, at + 1] == 1).all())
+    pooled = _sync.pool_rows(metric, checked[:, :at], scales, replica)
+    counters = checked[:1, at + 3 :] if replica else checked[:, at + 3 :]
+    head = torch.tensor([ticks[0], 0.0], dtype=_F64)
+    flat = torch.cat([pooled.states[n].reshape(-1).cpu() for n in metric._state_names()])
+    return torch.cat([flat, head, pooled.scale.reshape(1).cpu(), counters.sum(dim=0)])
 
 
 def pooled_state_dict(metric: DecayedSumMetric, pooled: Tensor) -> dict[str, Any]:
     """The ``state_dict`` entries (relative to the metric) of a metric holding ``pooled``, marked as a replica."""
-    states = metric._split_vector(pooled)
+    states = _states(metric, pooled)
     out: dict[str, Any] = {}
     for name, value in states.items():
         if metric._persistent.get(name, False):
             out[name] = value.to(getattr(metric, name).dtype).clone()
-    ticks_at = metric._ticks_index()
-    ticks, _, *counters = pooled[ticks_at:].tolist()
+    at = _size(metric)
+    ticks, _, scale, *counters = pooled[at:].tolist()
+    if metric._persistent.get("scale", False):
+        out["scale"] = torch.tensor(scale, dtype=_F64)
     extra = metric.get_extra_state()
     extra.update({"ticks": int(ticks), "replica": True})
     extra.update({k: int(v) for k, v in zip(metric._extra_counters(), counters, strict=True)})
@@ -130,6 +176,6 @@ def pooled_state_dict(metric: DecayedSumMetric, pooled: Tensor) -> dict[str, Any
 def as_replica(metric: DecayedSumMetric, pooled: Tensor) -> None:
     """Give the metric the pooled state of all ranks, marked as a replica (the same on every rank)."""
     row = pooled.clone()
-    row[metric._ticks_index() + 1] = 1.0
-    metric._load_packed(row)
+    row[_size(metric) + 1] = 1.0
+    load_vector(metric, row, f"pooled state of {type(metric).__name__}")
 

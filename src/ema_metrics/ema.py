@@ -219,7 +219,7 @@ class EMAMetric(DecayedSumMetric):
         torch.addcmul(inc, hot.sums, decay, out=hot.sums)
         d["_numel"] += x.numel()
         if not in_tick:
-            if d["_ticks"] or d["adjust"]:
+            if (d["_ticks"] or d["adjust"]) and d["_ticks"] + 1 < d["_renorm_at"]:
                 d["_ticks"] += 1
             else:
                 self._close_tick()
@@ -291,7 +291,7 @@ class EMAMetric(DecayedSumMetric):
         d["_update_count"] += 1
         d["_computed"] = None
         if (d["sync_on_forward"] is not None or d["dist_sync_on_step"]) and self._should_sync_forward():
-            out = self._synced_forward_value()
+            out: Tensor = self._synced_forward_value()
         else:
             out = torch.div(hot.num, hot.den)
         d["_forward_cache"] = out
@@ -364,21 +364,15 @@ class EMAMetric(DecayedSumMetric):
         self._warned_nonfinite = 0
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        # Accumulation stays in float64 whatever `set_dtype` or `.to(dtype)` asks for. The states must not go
-        # through `fn` at all: a round trip through a half-precision dtype would round the accumulated sums.
-        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
-        this = super()._apply(fn, (*excluded, "sums"))
+        this = super()._apply(fn, exclude_state)  # the states stay float64 and follow the device (see the base)
         if isinstance(this, EMAMetric):
-            if "sums" not in excluded:  # follow the device only
-                this.sums = this.sums.to(device=this.device)
-                default = this._defaults["sums"]
-                if isinstance(default, Tensor):
-                    this._defaults["sums"] = default.to(device=this.device)
             hot = this.__dict__.get("_hot")
             if hot is None or hot.sums is not this.sums:  # the state moved: rebuild the per-device constants
                 this.__dict__["_hot"] = None
-                this._factor_cache.clear()
         return this
+
+    def _sync_config(self) -> tuple[Any, ...]:
+        return (*super()._sync_config(), repr(self.nan_strategy))
 
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""

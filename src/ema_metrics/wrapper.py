@@ -198,11 +198,10 @@ class EMAWrapper(DecayedSumMetric):
         for name, buf in scratch.items():
             bd[name] = buf.zero_()
         base.update(*args, **kwargs)
-        # The update succeeded: decay (once per tick), then add this update's sums.
-        if self._tick_decay():
-            self._scale_decayed_(self.beta)
+        # The update succeeded: decay (once per tick) and add this update's sums, one fused operation per state.
+        decay = self._tick_decay()
         for name, target in d["_names"].items():
-            d[target].add_(bd[name])
+            self._decay_add_(target, bd[name], decay)
         self._tick_done()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -249,7 +248,9 @@ class EMAWrapper(DecayedSumMetric):
             bd[name] = states[target]
         return type(base).compute(base)
 
-    def _value_from_states(self, states: dict[str, Tensor]) -> Any:
+    def _value_from_states(
+        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+    ) -> Any:
         """The value from (reduced) states, squeezed and cloned like ``compute``'s; the states are left as they are."""
         return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
 
@@ -270,16 +271,9 @@ class EMAWrapper(DecayedSumMetric):
         self.base_metric.reset()
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        # The decayed sums stay float64 whatever `set_dtype` or `.to(dtype)` asks for, and do not go through `fn`
-        # at all (a round trip through a half-precision dtype would round them): they only follow the device.
-        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
-        targets = tuple(self.__dict__.get("_names", {}).values())
-        this = super()._apply(fn, (*excluded, *targets))
+        # The decayed sums stay float64 and only follow the device (see the base class).
+        this = super()._apply(fn, exclude_state)
         if isinstance(this, EMAWrapper):
-            for target in targets:
-                if target not in excluded:
-                    setattr(this, target, getattr(this, target).to(device=this.device))
-                    this._defaults[target] = torch.zeros_like(getattr(this, target))
             # The wrapped metric's states are scratch space (their values do not matter); it keeps computing in
             # float64.
             base = this.base_metric
@@ -289,8 +283,10 @@ class EMAWrapper(DecayedSumMetric):
                 base._defaults[name] = torch.zeros_like(state, dtype=_F64)
             base._dtype = _F64
             this.__dict__["_scratch"] = None
-            this._factor_cache.clear()
         return this
+
+    def _sync_config(self) -> tuple[Any, ...]:
+        return (*super()._sync_config(), type(self.base_metric).__qualname__)
 
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""

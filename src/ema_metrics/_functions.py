@@ -1,0 +1,158 @@
+"""Functions over several EMA metrics: one sync for all of them, one tick for all of them, finding them in modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ema_metrics import _sync
+from ema_metrics._base import DecayedSumMetric
+
+__all__ = ["find_ema_metrics", "sum_ranks", "synced_values", "tick"]
+
+
+def sum_ranks(stacked: Tensor) -> Tensor:
+    """Reduce a state gathered from all ranks, of shape ``(world_size, ...)``, by an exact float64 sum.
+
+    The ``dist_reduce_fx`` declared for every decayed sum (the sync itself aligns the ranks' scales first, see
+    :mod:`ema_metrics._sync`). The sum runs in float64 whatever the state's dtype.
+
+    Example:
+        >>> import torch
+        >>> from ema_metrics import sum_ranks
+        >>> sum_ranks(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([4., 6.])
+
+    """
+    return stacked.sum(dim=0, dtype=torch.float64).to(stacked.dtype)
+
+
+def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None = None) -> list[Tensor]:
+    """Values of several metrics pooled across ranks, with **one** collective for all of them when they are small.
+
+    Every rank must call this with the same metrics in the same order; the local states are left untouched. Metrics
+    are pooled over their own ``process_group`` (or over ``process_group`` when given), one sync per group. The
+    checks of ``compute`` apply: ranks that ticked different numbers of times, or hold differently configured
+    metrics, raise the same error on every rank; so do rejected updates and (with ``nan_strategy="error"``)
+    non-finite values. Without an initialised process group the local values come back, with the same checks.
+
+    Args:
+        metrics: the EMA metrics to pool.
+        process_group: the group to pool over (default: each metric's own, the whole world unless set).
+
+    Returns:
+        The pooled value of each metric, in order.
+
+    Raises:
+        TypeError: If ``metrics`` holds something that is not an EMA metric.
+
+    Example:
+        >>> import torch
+        >>> from ema_metrics import EMAMetric, synced_values
+        >>> a, b = EMAMetric(alpha=0.5), EMAMetric(alpha=0.1)
+        >>> for x in (1.0, 2.0, 4.0):
+        ...     _ = a(x), b(x)
+        >>> print([f"{v:.4f}" for v in synced_values([a, b])])
+        ['3.0000', '2.4391']
+
+    """
+    if isinstance(metrics, DecayedSumMetric) or not isinstance(metrics, Sequence):
+        raise TypeError(f"Expected argument `metrics` to be a sequence of EMA metrics, but got {metrics!r}")
+    bad = [m for m in metrics if not isinstance(m, DecayedSumMetric)]
+    if bad:
+        raise TypeError(f"Expected argument `metrics` to hold EMA metrics only, but got {bad!r}")
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for i, m in enumerate(metrics):
+        group = process_group if process_group is not None else m.process_group
+        groups.setdefault(id(group), (group, []))[1].append(i)
+    values: list[Any] = [None] * len(metrics)
+    for group, members in groups.values():
+        members_metrics = [metrics[i] for i in members]
+        gather = members_metrics[0].dist_sync_fn
+        for i, pooled in zip(members, _sync.pool(members_metrics, group, gather=gather), strict=True):
+            values[i] = metrics[i]._value_of(pooled)
+    return values
+
+
+@contextmanager
+def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedSumMetric]]:
+    """Group the updates of several metrics (or of every EMA metric inside modules) into one tick each.
+
+    All or nothing: if one of the metrics already has an open tick, none is opened.
+
+    Args:
+        metrics: metrics, or modules whose EMA metrics (nested submodules included) should tick together.
+
+    Raises:
+        TypeError: If an argument is neither an EMA metric nor a module.
+        RuntimeError: If one of the metrics already has an open tick.
+
+    Example:
+        >>> from ema_metrics import EMAMetric, tick
+        >>> loss, acc = EMAMetric(alpha=0.5), EMAMetric(alpha=0.5)
+        >>> for step, micro in enumerate([[(1.0, 0.0), (3.0, 1.0)], [(2.0, 1.0), (2.0, 1.0)]]):
+        ...     with tick(loss, acc):
+        ...         for l, a in micro:
+        ...             loss.update(l)
+        ...             acc.update(a)
+        ...     print(f"{step=} loss={loss.compute():.4f} acc={acc.compute():.4f}")
+        step=0 loss=2.0000 acc=0.5000
+        step=1 loss=2.0000 acc=0.8333
+
+    """
+    found = find_ema_metrics(*metrics)
+    already = [type(m).__name__ for m in found if m.in_tick]
+    if already:
+        raise RuntimeError(f"tick(): {already} already have an open tick; no tick was opened")
+    for m in found:
+        m.begin_tick()
+    try:
+        yield found
+    finally:
+        for m in found:
+            m.end_tick()
+
+
+def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedSumMetric]:
+    """Every EMA metric in ``objs``: metrics themselves, or found inside modules (nested included), deduplicated.
+
+    Raises:
+        TypeError: If an argument is neither an EMA metric nor a ``torch.nn.Module`` (a torchmetrics metric that
+            is not an EMA, for example).
+
+    Example:
+        >>> import torch
+        >>> from ema_metrics import EMAMetric, find_ema_metrics
+        >>> model = torch.nn.Module()
+        >>> model.loss = EMAMetric(alpha=0.1)
+        >>> model.head = torch.nn.Module()
+        >>> model.head.acc = EMAMetric(alpha=0.1)
+        >>> len(find_ema_metrics(model))
+        2
+
+    """
+    from torchmetrics import Metric
+
+    out: list[DecayedSumMetric] = []
+    seen: set[int] = set()
+    for obj in objs:
+        if isinstance(obj, DecayedSumMetric):
+            candidates: list[Any] = [obj]
+        elif isinstance(obj, Metric):
+            raise TypeError(
+                f"Expected EMA metrics or modules holding them, but got {type(obj).__name__}, a torchmetrics metric"
+                " that is not an exponential moving average (wrap it in EMAWrapper)"
+            )
+        elif isinstance(obj, torch.nn.Module):
+            candidates = list(obj.modules())
+        else:
+            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {obj!r}")
+        for m in candidates:
+            if isinstance(m, DecayedSumMetric) and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
