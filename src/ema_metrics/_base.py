@@ -87,6 +87,7 @@ class DecayedSumMetric(FastCalls):
         self._decay_masks: dict[str, Tensor] = {}
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._renorm_every = _decay.renorm_interval(self.beta)
+        self._decay = _decay.factor(self.beta)  # what the stored states decay by (see _decay.factor)
         self._renorm_at = self._renorm_every
         self._add_group_tag()
         # the power-of-two exponent of the decayed states (see ema_metrics._decay); pooled by aligning, not summing
@@ -138,7 +139,7 @@ class DecayedSumMetric(FastCalls):
 
     def _decay_add_(self, name: str, increment: Tensor, decay: bool) -> None:
         """Decay state ``name`` (if ``decay``) and add ``increment`` to it, in one fused operation."""
-        _decay.decay_add_(getattr(self, name), increment, self._factor(name, self.beta if decay else 1.0))
+        _decay.decay_add_(getattr(self, name), increment, self._factor(name, self._decay if decay else 1.0))
 
     def _renormalize(self) -> None:
         """Keep the decayed states of a metric without data from underflowing (see :mod:`ema_metrics._decay`)."""
@@ -247,7 +248,7 @@ class DecayedSumMetric(FastCalls):
         if not self._in_tick:
             raise RuntimeError(f"{type(self).__name__}.end_tick() was called without an open tick")
         if not self._tick_decayed and self._ticks > 0:
-            self._scale_decayed_(self.beta)
+            self._scale_decayed_(self._decay)
         self._in_tick = False
         self._tick_decayed = False
         self._close_tick()

@@ -122,9 +122,8 @@ def restore_snapshot(metric: DecayedSumMetric, saved: tuple[Tensor | None, bool]
 
 
 def pool_into_every_rank(metrics: Sequence[DecayedSumMetric]) -> None:
-    """Give every rank's metrics the pooled state of all ranks, as replicas (one collective for all)."""
-    for m, rows in zip(metrics, rs.gather_vectors(metrics), strict=True):
-        rs.as_replica(m, rs.pool_vectors(m, rows, f"pooling {type(m).__name__} after fit"))
+    """Give every rank's metrics the pooled state of all ranks, as replicas (one sync for all)."""
+    rs.pool_into_replicas(metrics)
 
 
 def local_value(metric: DecayedSumMetric) -> Any:

@@ -24,11 +24,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TINY_EXP", "canonical_", "decay_", "decay_add_", "effective_scale", "renorm_interval", "renormalize_"]
+__all__ = [
+    "TINY_EXP",
+    "canonical_",
+    "decay_",
+    "decay_add_",
+    "effective_scale",
+    "factor",
+    "renorm_interval",
+    "renormalize_",
+]
 
 TINY_EXP = -600
 _RENORM_SPAN = 256.0  # at most this many binary orders of magnitude of decay between two renormalizations
 _TINY = 2.0**TINY_EXP
+
+
+def factor(beta: float) -> float:
+    """The factor the stored states decay by each tick: ``beta``, or ``2 ** -300`` when ``beta`` is 0 (``alpha = 1``).
+
+    With ``alpha = 1`` the past weighs 0. Stored as ``2 ** -300`` instead, it is invisible in float64 next to any new
+    data (which outweighs it by ``2 ** 300``), yet an empty tick keeps the last value, as pandas does with a missing
+    observation, and the renormalization keeps it from underflowing.
+    """
+    return beta if beta > 0.0 else 2.0**-300
 
 
 def decay_add_(state: Tensor, increment: Tensor, decay: Tensor) -> Tensor:
@@ -43,9 +62,7 @@ def decay_(state: Tensor, decay: Tensor) -> Tensor:
 
 def renorm_interval(beta: float) -> int:
     """Ticks between two renormalizations: the decay over that many ticks is at least ``2 ** -256``."""
-    if beta <= 0.0:
-        return 1
-    orders = -math.log2(beta)
+    orders = -math.log2(factor(beta))
     return max(1, min(2**40, int(_RENORM_SPAN // orders) if orders > 0 else 2**40))
 
 

@@ -18,7 +18,7 @@ from ema_metrics import _decay, _sync
 from ema_metrics._base import DecayedSumMetric, _distributed_ready
 
 __all__ = [
-    "as_replica",
+    "pool_into_replicas",
     "vector_size",
     "check_vector",
     "gather_vectors",
@@ -49,13 +49,21 @@ def state_vector(metric: DecayedSumMetric) -> Tensor:
 
 
 def gather_vectors(metrics: Sequence[DecayedSumMetric]) -> list[Tensor]:
-    """Every rank's vector of each metric, as ``(world_size, n)`` CPU tensors, with **one** collective for all."""
+    """Every rank's vector of each metric, as ``(world_size, n)`` CPU tensors on rank 0 (for a checkpoint).
+
+    The checks of a sync run first (its fixed-size first collective), so ranks whose metrics differ raise the same
+    error instead of waiting in a gather of another size. The vectors are then gathered to rank 0 only, which writes
+    the checkpoint: the other ranks hold no more than their own row (returned as a single row).
+    """
     if not metrics:
         return []
+    _sync.check_alike(metrics)
     packed = torch.cat([state_vector(m) for m in metrics])
     if _distributed_ready():
-        rows = packed.new_empty((torch.distributed.get_world_size(), packed.numel()))
-        torch.distributed.all_gather(list(rows.unbind(0)), packed)
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        targets = list(packed.new_empty((world, packed.numel())).unbind(0)) if rank == 0 else None
+        torch.distributed.gather(packed, targets, dst=0)
+        rows = torch.stack(targets) if targets is not None else packed.unsqueeze(0)
     else:
         rows = packed.unsqueeze(0)
     rows = rows.detach().cpu()
@@ -173,9 +181,10 @@ def pooled_state_dict(metric: DecayedSumMetric, pooled: Tensor) -> dict[str, Any
     return out
 
 
-def as_replica(metric: DecayedSumMetric, pooled: Tensor) -> None:
-    """Give the metric the pooled state of all ranks, marked as a replica (the same on every rank)."""
-    row = pooled.clone()
-    row[_size(metric) + 1] = 1.0
-    load_vector(metric, row, f"pooled state of {type(metric).__name__}")
-
+def pool_into_replicas(metrics: Sequence[DecayedSumMetric]) -> None:
+    """Give every rank's metrics the pooled state of all ranks, marked as replicas (one sync for all)."""
+    for m, pooled in zip(metrics, _sync.pool(metrics), strict=True):
+        m._adopt(pooled)
+        m._set_extra_counters(pooled.counters)
+        m._replica = True
+        m._computed = None

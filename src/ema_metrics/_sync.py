@@ -35,7 +35,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["INLINE", "Pooled", "fingerprint", "flat", "local_vector", "pool", "pool_rows"]
+__all__ = ["INLINE", "Pooled", "check_alike", "fingerprint", "flat", "local_vector", "pool", "pool_rows"]
 
 _F64 = torch.float64
 #: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
@@ -86,13 +86,11 @@ def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
     sizes = [sum(getattr(m, name).numel() for name in m._state_names()) for m in metrics]
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = _HEADER + n_desc + sum(sizes) <= INLINE
-    if _HEADER + n_desc > INLINE:
-        raise RuntimeError(
-            f"{n} EMA metrics need {n_desc} descriptor values, more than one sync carries ({INLINE - _HEADER}); sync"
-            " them in several calls"
-        )
     prints = [fingerprint(m) for m in metrics]
     host = [_MAGIC, float(n), _hash(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
+    if _HEADER + n_desc > INLINE:  # too many metrics for one sync: every rank learns it from the header, and raises
+        vector = torch.tensor(host, dtype=_F64, device=device)
+        return _Local(torch.nn.functional.pad(vector, (0, INLINE - _HEADER)), n_desc, sizes, [], False)
     host += prints + [float(m._ticks) for m in metrics] + [float(m._replica) for m in metrics]
     scales = torch.stack([m._effective_scale() for m in metrics])
     counted = torch.tensor([c for cs in counters for c in cs], dtype=_F64, device=device)
@@ -138,23 +136,37 @@ def pool(
     at = _HEADER + 3 * n
     scale_rows = gathered[:, at : at + n]  # (world, n): each rank's exponent of each metric
     at += n
+    replicas = [bool(gathered[0, _HEADER + 2 * n + i] == 1) for i in range(n)]
+    commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
+    summed = None if rows_all is not None else _reduce(metrics, scale_rows, commons, replicas, group)
     out, start = [], 0
     for i, m in enumerate(metrics):
         rank_counters = gathered[:, at : at + local.counters[i]]
         at += local.counters[i]
-        replica = bool(gathered[0, _HEADER + 2 * n + i] == 1)
-        common = _common_scale(scale_rows[:, i])
+        replica, common = replicas[i], commons[i]
         if rows_all is not None:
             rows = rows_all[:, start : start + local.sizes[i]]
             pooled = _pool_rows(m, rows, scale_rows[:, i], common, replica, with_ranks)
         else:
-            pooled = _pool_reduced(m, scale_rows[:, i], common, replica, group, _rank(group))
+            assert summed is not None
+            scale = scale_rows[_rank(group), i] if replica else common
+            scale = torch.where(torch.isinf(scale), torch.zeros_like(scale), scale)
+            pooled = Pooled(
+                states=_split(m, summed[start : start + local.sizes[i]]), scale=scale.clone(), ticks=0, counters={}
+            )
+            m._canonical(pooled.states, pooled.scale)
         start += local.sizes[i]
         totals = rank_counters[:1] if replica else rank_counters
         pooled.ticks = int(gathered[0, _HEADER + n + i])
         pooled.counters = dict(zip(m._extra_counters(), (int(v) for v in totals.sum(0).tolist()), strict=True))
         out.append(pooled)
     return out
+
+
+def check_alike(metrics: Sequence[DecayedSumMetric], group: Any = None) -> None:
+    """Only the checks of a sync (its first, fixed-size collective): the same error on every rank if they differ."""
+    if metrics:
+        _check(_gather(local_vector(metrics).vector, group, None), metrics)
 
 
 def pool_rows(metric: DecayedSumMetric, rows: Tensor, scales: Tensor, replica: bool) -> Pooled:
@@ -186,21 +198,30 @@ def _pool_rows(
     return pooled
 
 
-def _pool_reduced(
-    metric: DecayedSumMetric, scales: Tensor, common: Tensor, replica: bool, group: Any, rank: int
-) -> Pooled:
-    values = flat(metric)
-    if replica:
-        common = torch.where(torch.isinf(scales[rank]), torch.zeros_like(common), scales[rank])
-    else:
-        mine = scales[rank]
-        factor = torch.where(torch.isinf(mine), torch.zeros_like(mine), torch.exp2(mine - common))
-        values = torch.where(_mask(metric, values.device), values * factor, values)
-        if _ready(group):
-            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    pooled = Pooled(states=_split(metric, values), scale=common.clone(), ticks=0, counters={})
-    metric._canonical(pooled.states, pooled.scale)
-    return pooled
+def _reduce(
+    metrics: Sequence[DecayedSumMetric], scales: Tensor, commons: list[Tensor], replicas: list[bool], group: Any
+) -> Tensor:
+    """Every metric's states summed over the ranks with **one** ``all_reduce``, each rank's scale aligned first.
+
+    A pooled replica (every rank holds the same pooled state) is taken from this rank as it is.
+    """
+    rank = _rank(group)
+    parts = []
+    for m, common, replica, mine in zip(metrics, commons, replicas, scales[rank], strict=True):
+        values = flat(m)
+        if not replica:
+            factor = torch.where(torch.isinf(mine), torch.zeros_like(mine), torch.exp2(mine - common))
+            values = torch.where(_mask(m, values.device), values * factor, values)
+        parts.append(values)
+    summed = torch.cat(parts)
+    if _ready(group) and not all(replicas):
+        flags = zip(parts, replicas, strict=True)
+        device = summed.device
+        replica_mask = torch.cat([torch.full((p.numel(),), r, dtype=torch.bool, device=device) for p, r in flags])
+        local = summed.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        summed = torch.where(replica_mask, local, summed)
+    return summed
 
 
 def flat(metric: DecayedSumMetric) -> Tensor:
@@ -226,15 +247,19 @@ def _check(gathered: Tensor, metrics: Sequence[DecayedSumMetric]) -> None:
     """The same checks on every rank, from the same gathered data: the same error everywhere, and no hang."""
     n = len(metrics)
     head = gathered[:, :_HEADER].tolist()
-    names = [type(m).__name__ for m in metrics]
     if any(h[0] != _MAGIC for h in head):
         raise RuntimeError("EMA metrics sync: a rank sent no EMA metric state (was another collective in flight?)")
     if any(h[1:] != head[0][1:] for h in head):
         counts = [int(h[1]) for h in head]
         raise RuntimeError(
-            f"EMA metrics sync: the ranks sync different metrics (metrics per rank: {counts}; this rank: {names}), or"
+            f"EMA metrics sync: the ranks sync different metrics (metrics per rank: {counts}), or"
             " metrics of another class, configuration (alpha, adjust, nan_strategy) or state layout (such as"
             " num_classes). Every rank must sync the same metrics, configured alike, in the same order."
+        )
+    if any(_HEADER + h[3] > INLINE for h in head):
+        raise RuntimeError(
+            f"EMA metrics sync: {int(head[0][1])} metrics need {int(head[0][3])} descriptor values, more than one sync"
+            f" carries ({INLINE - _HEADER}); sync them in several calls (for example several synced_values calls)"
         )
     ticks = gathered[:, _HEADER + n : _HEADER + 2 * n].tolist()
     replica = gathered[:, _HEADER + 2 * n : _HEADER + 3 * n].tolist()

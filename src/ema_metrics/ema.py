@@ -162,7 +162,7 @@ class EMAMetric(DecayedSumMetric):
             sums=sums,
             num=sums[0],
             den=sums[1],
-            decay=torch.tensor([self.beta, self.beta, 1.0, 1.0], dtype=_F64, device=dev),
+            decay=torch.tensor([self._decay, self._decay, 1.0, 1.0], dtype=_F64, device=dev),
             keep=torch.ones(4, dtype=_F64, device=dev),
             one=torch.ones((), dtype=_F64, device=dev),
             zero=torch.zeros((), dtype=_F64, device=dev),

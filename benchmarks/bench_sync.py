@@ -1,0 +1,136 @@
+"""Time and peak extra memory of one sync, on both paths, against a bare ``all_reduce`` of the same bytes.
+
+``EMAWrapper(MulticlassConfusionMatrix(num_classes=c))`` holds ``S = c * c`` float64 values. Each case runs in fresh
+gloo processes (CPU), fed the same data on every rank, and measures on every rank:
+
+- ``gather``: the states travel inside the first collective (``_sync.INLINE`` set large enough): one ``all_gather``
+  of ``world_size * S`` values;
+- ``reduce``: the first collective carries the descriptors only, the states are summed by an ``all_reduce``;
+- ``bare``: ``torch.distributed.all_reduce`` of ``S`` float64 values, nothing else (the floor);
+- ``default``: whichever path ``_sync.INLINE`` picks (the shipped threshold).
+
+Time is the median over repeats of the slowest rank (a barrier before each). Peak extra memory is the rise of the
+process's peak resident memory (``ru_maxrss``) during the first sync over its resident memory just before it, so it
+includes gloo's own buffers; it is only meaningful from about 1 MB on (page and allocator granularity).
+
+Run:
+    python benchmarks/bench_sync.py            # 2 and 4 processes, S from 4 to ~1e6 (about 3 minutes on 2 cores)
+    python benchmarks/bench_sync.py --quick    # 2 processes, fewer sizes and repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from ema_metrics import EMAWrapper, _sync, synced_values
+
+PATHS = ("gather", "reduce", "bare", "default")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(rank: int, world: int, port: int, classes: int, path: str, repeats: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    metric = EMAWrapper(MulticlassConfusionMatrix(num_classes=classes, validate_args=False), alpha=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        metric.update(torch.randint(0, classes, (64,), generator=g), torch.randint(0, classes, (64,), generator=g))
+    size = classes * classes
+    if path == "gather":
+        _sync.INLINE = size + 64
+    elif path == "reduce":
+        _sync.INLINE = 64
+    flat = torch.zeros(size, dtype=torch.float64)
+
+    def once() -> None:
+        if path == "bare":
+            dist.all_reduce(flat)
+        else:
+            synced_values([metric])
+
+    dist.barrier()
+    before = _rss_bytes()
+    once()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak": max(peak, 0), "time": statistics.median(times)}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_case(world: int, classes: int, path: str, repeats: int) -> dict[str, float]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(world, port, classes, path, repeats, out), nprocs=world, join=True)
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    return {"time": max(r["time"] for r in ranks), "peak": max(r["peak"] for r in ranks)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    worlds = (2,) if args.quick else (2, 4)
+    classes = (2, 8, 32, 100, 316, 1000) if not args.quick else (2, 32, 316)
+    repeats = 5 if args.quick else 15
+    print(
+        f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold _sync.INLINE = {_sync.INLINE}"
+        f" float64 values per rank in the first collective\n"
+    )
+    header = (
+        f"{'procs':>5} {'S':>9} {'MB':>7} | {'gather ms':>9} {'reduce ms':>9} {'bare ms':>8} {'default ms':>10}"
+        f" | {'reduce/bare':>11} | {'peak MB: gather':>15} {'reduce':>7} {'bare':>6} | {'reduce peak / S':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for world in worlds:
+        for c in classes:
+            size = c * c
+            res = {p: run_case(world, c, p, repeats) for p in PATHS}
+            mb = size * 8 / 2**20
+            print(
+                f"{world:5d} {size:9d} {mb:7.2f} | {1e3 * res['gather']['time']:9.3f}"
+                f" {1e3 * res['reduce']['time']:9.3f} {1e3 * res['bare']['time']:8.3f}"
+                f" {1e3 * res['default']['time']:10.3f}"
+                f" | {res['reduce']['time'] / res['bare']['time']:11.2f}"
+                f" | {res['gather']['peak'] / 2**20:15.2f} {res['reduce']['peak'] / 2**20:7.2f}"
+                f" {res['bare']['peak'] / 2**20:6.2f} | {res['reduce']['peak'] / (size * 8):15.2f}",
+                flush=True,
+            )
+    print(
+        "\nTargets: at 4 processes and large S, `reduce` within 1.5x of `bare`, and its peak extra memory within 2x"
+        " of S.\nCost per sync: `gather` moves and holds world_size * S values on every rank (64 ranks x 8 MB = 512"
+        " MB,\n1024 ranks = 8 GB); `reduce` holds about 2 * S (a ring all_reduce moves about 2 * S per rank) plus the"
+        f" first\ncollective's world_size * {_sync.INLINE} * 8 bytes ({_sync.INLINE * 8 // 1024} KiB per rank)."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

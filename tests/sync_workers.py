@@ -1,0 +1,138 @@
+"""Worker functions of the sync tests (module level: they are pickled into spawned gloo processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.regression import MeanSquaredError
+
+from ema_metrics import EMAMetric, EMAWrapper, _sync, synced_values
+
+ALPHA = 0.3
+TICKS = 6
+
+
+def rank_data(rank: int, n_classes: int) -> list[dict[str, Any]]:
+    """Each rank's ticks: loss values and weights, class predictions and targets, regression pairs."""
+    rng = np.random.default_rng([7, rank])
+    out = []
+    for _ in range(TICKS):
+        n = int(rng.integers(1, 6)) * (rank + 1)  # the ranks see different amounts of data
+        out.append(
+            {
+                "loss": rng.normal(2.0 + rank, 1.0, size=n),
+                "weight": rng.uniform(0.5, 3.0, size=n),
+                "preds": rng.integers(0, n_classes, size=n),
+                "target": rng.integers(0, n_classes, size=n),
+                "y": rng.normal(size=n),
+                "yhat": rng.normal(size=n),
+            }
+        )
+    return out
+
+
+def make_metrics(n_classes: int) -> list[Any]:
+    return [
+        EMAMetric(alpha=ALPHA),
+        EMAWrapper(MulticlassConfusionMatrix(num_classes=n_classes, validate_args=False), alpha=ALPHA),
+        EMAWrapper(MeanSquaredError(), alpha=ALPHA),
+    ]
+
+
+def feed(metrics: list[Any], data: list[dict[str, Any]]) -> None:
+    loss, confmat, mse = metrics
+    for tick in data:
+        loss.update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(tick["weight"]))
+        confmat.update(torch.from_numpy(tick["preds"]), torch.from_numpy(tick["target"]))
+        mse.update(torch.from_numpy(tick["yhat"]), torch.from_numpy(tick["y"]))
+
+
+class Counter:
+    """Counts torch.distributed collectives while active."""
+
+    NAMES = ("all_gather", "all_reduce", "all_gather_object", "broadcast", "gather", "reduce", "barrier")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.originals = {n: getattr(dist, n) for n in self.NAMES}
+
+    def __enter__(self) -> Counter:
+        for name, fn in self.originals.items():
+            setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self.originals.items():
+            setattr(dist, name, fn)
+
+
+def pooled_values(rank: int, world: int, n_classes: int, inline: int) -> dict[str, Any]:
+    """Each rank feeds its own data; returns the pooled values and the collectives of each sync path."""
+    _sync.INLINE = inline
+    metrics = make_metrics(n_classes)
+    feed(metrics, rank_data(rank, n_classes))
+    with Counter() as together:
+        values = synced_values(metrics)
+    with Counter() as compute:
+        computed = [m.compute() for m in metrics]
+    return {
+        "values": [v.double().tolist() for v in values],
+        "computed": [v.double().tolist() for v in computed],
+        "together": together.calls,
+        "compute": compute.calls,
+    }
+
+
+def mismatch(rank: int, world: int, kind: str, inline: int) -> str:
+    """Ranks that differ in ``kind``; every rank must raise (returns the message)."""
+    _sync.INLINE = inline
+    n_classes = 4 if (kind == "layout" and rank == 1) else 3
+    alpha = 0.5 if (kind == "config" and rank == 1) else ALPHA
+    metric = EMAWrapper(MulticlassConfusionMatrix(num_classes=n_classes, validate_args=False), alpha=alpha)
+    ticks = TICKS + 1 if (kind == "ticks" and rank == 1) else TICKS
+    for _ in range(ticks):
+        metric.update(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]))
+    extra = [EMAMetric(alpha=ALPHA)] if (kind == "count" and rank == 1) else []
+    try:
+        synced_values([metric, *extra])
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def subgroup(rank: int, world: int, inline: int) -> dict[str, Any]:
+    """A group of ranks 0 and 2 out of 3: pooled over those two only (rank 1 does not take part)."""
+    _sync.INLINE = inline
+    group = dist.new_group([0, 2])
+    metric = EMAMetric(alpha=ALPHA, process_group=group)
+    data = rank_data(rank, 3)
+    for tick in data:
+        metric.update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(tick["weight"]))
+    if rank == 1:
+        return {"value": None}
+    return {"value": float(metric.compute()), "together": float(synced_values([metric])[0])}
+
+
+def long_empty_run(rank: int, world: int, alpha: float, empty: int) -> list[float]:
+    """Data, then ``empty`` ticks without data on every rank, then data on rank 0 only; pooled values at each stage."""
+    metric = EMAMetric(alpha=alpha)
+    for tick in rank_data(rank, 3):
+        metric.update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(tick["weight"]))
+    before = float(metric.compute())
+    for _ in range(empty):
+        metric.begin_tick()
+        metric.end_tick()
+    after = float(metric.compute())
+    metric.update(torch.tensor([10.0 + rank]), weight=1.0 if rank == 0 else 0.0)
+    return [before, after, float(metric.compute())]

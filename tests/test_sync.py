@@ -1,0 +1,185 @@
+"""The one sync mechanism, at 2 and 3 gloo processes, on both of its paths, against float64 pooled oracles.
+
+Small states travel inside the first (fixed-size) collective; larger ones are summed by an ``all_reduce``. The path is
+chosen by the size of the first collective (``_sync.INLINE``), which the workers set: the same metrics go through
+both paths here. Each oracle is a float64 numpy loop over the data of every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ema_metrics import EMAMetric, _sync
+from tests import sync_workers as w
+from tests.ddp_utils import run_ddp
+
+SMALL, LARGE = 1024, 24  # first-collective sizes: everything inline, or only the descriptors
+N_CLASSES = 5
+
+
+def _oracles(world: int) -> list[Any]:
+    """Float64 pooled EMAs of the three metrics of ``sync_workers.make_metrics`` over every rank's data."""
+    beta = 1.0 - w.ALPHA
+    num = den = sse = count = 0.0
+    confmat = np.zeros((N_CLASSES, N_CLASSES))
+    data = [w.rank_data(r, N_CLASSES) for r in range(world)]
+    for t in range(w.TICKS):
+        num, den, sse, count, confmat = beta * num, beta * den, beta * sse, beta * count, beta * confmat
+        for rank in range(world):
+            tick = data[rank][t]
+            num += float(np.sum(tick["loss"] * tick["weight"]))
+            den += float(np.sum(tick["weight"]))
+            sse += float(np.sum((tick["yhat"] - tick["y"]) ** 2))
+            count += len(tick["y"])
+            np.add.at(confmat, (tick["target"], tick["preds"]), 1.0)
+    return [num / den, confmat.tolist(), sse / count]
+
+
+def _close(a: Any, b: Any) -> bool:
+    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-12, atol=0))
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world", [2, 3])
+def test_both_paths_give_the_pooled_oracle_on_every_rank(world: int) -> None:
+    expected = _oracles(world)
+    results = {inline: run_ddp(w.pooled_values, world, N_CLASSES, inline, timeout=60) for inline in (SMALL, LARGE)}
+    for inline, ranks in results.items():
+        for rank, res in enumerate(ranks):
+            label = f"inline={inline}, rank {rank}"
+            for got, want in zip(res["values"], expected, strict=True):
+                assert _close(got, want), label
+            assert res["computed"] == res["values"], label  # compute() pools the same way
+        assert all(r["values"] == ranks[0]["values"] for r in ranks)  # identical on every rank
+    small, large = results[SMALL][0], results[LARGE][0]
+    for a, b in zip(small["values"], large["values"], strict=True):
+        assert _close(a, b)
+    # one collective for all three metrics when small; the descriptors' gather and one sum when large
+    assert small["together"] == ["all_gather"]
+    assert large["together"] == ["all_gather", "all_reduce"]
+    assert small["compute"] == ["all_gather"] * 3  # one per compute()
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("inline", [SMALL, 12])
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("ticks", r"ranks ticked different numbers of times \(\[6, 7\]\)"),
+        ("config", r"configuration \(alpha, adjust, nan_strategy\) or state layout"),
+        ("layout", r"state layout \(such as num_classes\)"),
+        ("count", r"metrics per rank: \[1, 2\]"),
+    ],
+)
+def test_mismatched_ranks_raise_the_same_error_everywhere_without_hanging(inline: int, kind: str, match: str) -> None:
+    messages = run_ddp(w.mismatch, 2, kind, inline, timeout=30)
+    assert messages[0] == messages[1]
+    assert re.search(match, messages[0]), messages[0]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("inline", [SMALL, 12])
+def test_a_subgroup_pools_its_own_ranks_only(inline: int) -> None:
+    results = run_ddp(w.subgroup, 3, inline, timeout=60)
+    data = [w.rank_data(r, 3) for r in (0, 2)]
+    beta = 1.0 - w.ALPHA
+    num = den = 0.0
+    for t in range(w.TICKS):
+        num, den = beta * num, beta * den
+        for d in data:
+            num += float(np.sum(d[t]["loss"] * d[t]["weight"]))
+            den += float(np.sum(d[t]["weight"]))
+    for rank in (0, 2):
+        assert results[rank]["value"] == pytest.approx(num / den, rel=1e-12)
+        assert results[rank]["together"] == results[rank]["value"]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.01])
+def test_the_value_survives_a_million_empty_ticks(alpha: float) -> None:
+    metric = EMAMetric(alpha=alpha)
+    for x, n in [(3.0, 2.0), (1.0, 1.0), (2.5, 4.0)]:
+        metric.update(x, weight=n)
+    last = float(metric.compute())
+    for _ in range(1_000_000):
+        metric.begin_tick()
+        metric.end_tick()
+    assert metric.ticks == 1_000_003
+    assert float(metric.compute()) == pytest.approx(last, rel=1e-12)
+    # new data outweighs the (truly negligible) past completely
+    metric.update(7.0)
+    assert float(metric.compute()) == pytest.approx(7.0, rel=1e-12)
+
+
+def test_alpha_one_keeps_the_last_value_like_pandas() -> None:
+    values = [2.0, math.nan, math.nan, 5.0, math.nan]
+    expected = pd.Series(values).ewm(alpha=1.0, adjust=True).mean().tolist()
+    metric = EMAMetric(alpha=1.0, nan_strategy="ignore")
+    got = []
+    for x in values:
+        metric.update(x)
+        got.append(float(metric.compute()))
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.ddp
+def test_long_empty_runs_stay_exact_across_ranks() -> None:
+    ranks = run_ddp(w.long_empty_run, 2, 0.5, 5000, timeout=120)
+    assert ranks[0] == ranks[1]
+    before, after, resumed = ranks[0]
+    expected_before = _oracle_loss(2)
+    assert before == pytest.approx(expected_before, rel=1e-12)
+    assert after == pytest.approx(before, rel=1e-12)  # 5000 empty ticks at alpha 0.5: 2**-5000 of decay
+    assert resumed == pytest.approx(10.0, rel=1e-12)  # only rank 0's new value counts (rank 1 added weight 0)
+
+
+def _oracle_loss(world: int) -> float:
+    beta = 1.0 - 0.5
+    num = den = 0.0
+    data = [w.rank_data(r, 3) for r in range(world)]
+    for t in range(w.TICKS):
+        num, den = beta * num, beta * den
+        for d in data:
+            num += float(np.sum(d[t]["loss"] * d[t]["weight"]))
+            den += float(np.sum(d[t]["weight"]))
+    return num / den
+
+
+def test_merge_state_pools_like_a_sync_and_refuses_what_is_ill_defined() -> None:
+    parts = [[1.0, 4.0, math.nan, 2.0], [3.0, 0.5, 6.0, math.inf], [2.0, 2.0, 2.0, 2.0]]
+    metrics = [EMAMetric(alpha=0.4) for _ in parts]
+    for m, xs in zip(metrics, parts, strict=True):
+        for x in xs:
+            m.update(x)
+    beta = 0.6
+    num = den = 0.0
+    for t in range(4):
+        num, den = beta * num, beta * den
+        for xs in parts:
+            if math.isfinite(xs[t]):
+                num, den = num + xs[t], den + 1.0
+    first = metrics[0].clone()
+    first.merge_state(metrics[1])  # from a metric
+    first.merge_state(metrics[2].state_dict())  # from a state dict (with its ticks and counters)
+    with pytest.warns(UserWarning, match="2 non-finite"):  # the dropped values of both sources are still reported
+        value = float(first.compute())
+    assert value == pytest.approx(num / den, rel=1e-12)
+    assert first.ticks == 4
+    other = EMAMetric(alpha=0.4)
+    for x in [1.0] * 5:
+        other.update(x)
+    with pytest.raises(ValueError, match="ticked 4 and 5 times"):
+        metrics[0].merge_state(other)
+    with pytest.raises(ValueError, match="differs in class, configuration"):
+        metrics[0].merge_state(EMAMetric(alpha=0.5))
+    with pytest.raises(ValueError, match="differs in class, configuration"):
+        metrics[0].merge_state(EMAMetric(alpha=0.4, adjust=False))
+    with pytest.raises(TypeError, match="`incoming_state` to be an EMA metric"):
+        metrics[0].merge_state(torch.nn.Linear(1, 1))  # type: ignore[arg-type]
+    assert _sync.INLINE == SMALL
