@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,13 @@ def test_wandb_offline_run_reads_back_one_point_per_logged_step(
     wandb_logger = pl.loggers.WandbLogger(save_dir=str(tmp_path), offline=True, project="ema")
 
     def read_back() -> list[tuple[int, float]]:
-        wandb_logger.experiment.finish()  # flush the run file
+        wandb_logger.experiment.finish()  # flush the run file (W&B's writer may still be finishing it under load)
         (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-        rows = [r for r in _read_wandb_history(run_file) if "train_loss" in r]
-        return [(int(r["trainer/global_step"]), float(r["train_loss"])) for r in rows]
+        deadline = time.monotonic() + 30.0
+        while True:
+            rows = [r for r in _read_wandb_history(run_file) if "train_loss" in r]
+            if len(rows) >= len(EXPECTED_STEPS) or time.monotonic() > deadline:
+                return [(int(r["trainer/global_step"]), float(r["train_loss"])) for r in rows]
+            time.sleep(0.2)
 
     _fit_and_check(tmp_path, wandb_logger, read_back)

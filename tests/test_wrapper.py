@@ -193,7 +193,10 @@ def oracle_values(
     out = []
     for t, batches in enumerate(ticks):
         inc = sum((kind.stats(b) for b in batches), start=np.zeros_like(kind.stats(_first_batch(ticks))))
-        state = inc if state is None else beta * state + inc
+        if alpha == 1.0 and not batches and state is not None:
+            pass  # like pandas with a missing observation: at alpha = 1 a tick without data keeps the last value
+        else:
+            state = inc if state is None else beta * state + inc
         if t == 0 and not adjust:
             state = state / alpha
         out.append(kind.formula(state))

@@ -33,6 +33,7 @@ __all__ = [
     "factor",
     "renorm_interval",
     "renormalize_",
+    "without_past",
 ]
 
 TINY_EXP = -600
@@ -101,3 +102,18 @@ def renormalize_(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Tenso
     """Keep a metric's decayed states representable (see the module docstring); in place, no host sync."""
     scale.copy_(torch.where(_largest(states, masks) >= _TINY, torch.zeros_like(scale), scale))
     canonical_(states, masks, scale)
+
+
+def without_past(states: dict[str, Tensor], masks: Sequence[Tensor]) -> dict[str, Tensor]:
+    """At ``alpha = 1``: the states with the past (stored at weight ``2 ** -300``, see :func:`factor`) set to 0.
+
+    An entry ``2 ** 200`` times smaller than the largest decayed entry holds only the past once the last tick brought
+    data, so it is exactly 0 at ``alpha = 1`` (a class absent from the last tick leaves a macro average, for example).
+    After ticks without any data nothing is cleared, and the last value stays.
+    """
+    values = list(states.values())
+    floor = _largest(values, masks) * 2.0**-200
+    return {
+        name: torch.where(torch.logical_and(mask, state.abs() < floor), torch.zeros_like(state), state)
+        for (name, state), mask in zip(states.items(), masks, strict=True)
+    }

@@ -11,6 +11,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_mean, dim_zero_min, dim_zero_sum
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from ema_metrics import _decay
 from ema_metrics._base import DecayedSumMetric
 
 __all__ = ["EMAWrapper"]
@@ -242,6 +243,8 @@ class EMAWrapper(DecayedSumMetric):
 
     def _base_compute(self, states: dict[str, Tensor]) -> Any:
         """Run the wrapped metric's own (unwrapped) ``compute`` on ``states``, keyed by the wrapper's state names."""
+        if self.beta == 0.0:  # alpha = 1: only the last tick with data counts (see _decay.without_past)
+            states = _decay.without_past({n: states[n] for n in self._state_names()}, self._masks())
         base = self.base_metric
         bd = base.__dict__
         for name, target in self._names.items():
