@@ -136,3 +136,22 @@ def long_empty_run(rank: int, world: int, alpha: float, empty: int) -> list[floa
     after = float(metric.compute())
     metric.update(torch.tensor([10.0 + rank]), weight=1.0 if rank == 0 else 0.0)
     return [before, after, float(metric.compute())]
+
+
+def spread(rank: int, world: int) -> dict[str, Any]:
+    """Each rank feeds deliberately different data; pooled and per-rank values from one sync."""
+    from ema_metrics import synced_values_by_rank
+
+    metrics = [EMAMetric(alpha=ALPHA), EMAWrapper(MeanSquaredError(), alpha=ALPHA)]
+    for tick in rank_data(rank, 3):
+        metrics[0].update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(tick["weight"]))
+        metrics[1].update(torch.from_numpy(tick["yhat"]) * (rank + 1), torch.from_numpy(tick["y"]))
+    with Counter() as counter:
+        results = synced_values_by_rank(metrics)
+    return {
+        "pooled": [float(r.pooled) for r in results],
+        "ranks": [r.ranks.tolist() for r in results],
+        "min": [float(r.min) for r in results],
+        "max": [float(r.max) for r in results],
+        "collectives": counter.calls,
+    }

@@ -289,3 +289,26 @@ def test_metrics_created_late_are_driven(tmp_path: Path, late: str) -> None:
     assert model.train_loss.ticks == STEPS_PER_EPOCH  # one tick per optimizer step, not per micro-batch
     assert [v for _, v in model.seen] == pytest.approx([oracle[s] for s in range(STEPS_PER_EPOCH)], rel=REL)
     assert np.isfinite(float(model.train_loss.compute()))
+
+
+@pytest.mark.lightning
+@pytest.mark.ddp
+def test_rank_spread_is_logged_from_the_same_sync(tmp_path: Path) -> None:
+    require_gloo()
+    model = Monitored(str(tmp_path / "records"), world_size=2)
+    _trainer(tmp_path, 2, [EMAMetricsCallback(rank_spread=True)], epochs=1, enable_checkpointing=False).fit(model)
+    own = []
+    for rank in range(2):
+        path = tmp_path / "records" / "step" / f"rank{rank}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        per_step: dict[int, list[float]] = {}
+        for step, _, loss in rows:
+            per_step.setdefault(step, []).append(loss)
+        own.append(ema_oracle(per_step, HALF_LIFE))
+    logged = [2, 5]  # log_every_n_steps=3
+    low = read_csv_metric(tmp_path / "logs", "train_loss/rank_min")
+    high = read_csv_metric(tmp_path / "logs", "train_loss/rank_max")
+    assert [s for s, _ in low] == [s for s, _ in high] == logged
+    assert [v for _, v in low] == pytest.approx([min(o[s] for o in own) for s in logged], rel=REL)
+    assert [v for _, v in high] == pytest.approx([max(o[s] for o in own) for s in logged], rel=REL)
+    assert own[0][5] != pytest.approx(own[1][5], rel=1e-3)  # the ranks' EMAs differ

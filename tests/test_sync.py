@@ -183,3 +183,33 @@ def test_merge_state_pools_like_a_sync_and_refuses_what_is_ill_defined() -> None
     with pytest.raises(TypeError, match="`incoming_state` to be an EMA metric"):
         metrics[0].merge_state(torch.nn.Linear(1, 1))  # type: ignore[arg-type]
     assert _sync.INLINE == SMALL
+
+
+def _own_emas(rank: int) -> tuple[float, float]:
+    """Float64 EMAs of one rank's own data: the weighted loss and the MSE of ``sync_workers.spread``."""
+    beta = 1.0 - w.ALPHA
+    num = den = sse = count = 0.0
+    for tick in w.rank_data(rank, 3):
+        num, den, sse, count = beta * num, beta * den, beta * sse, beta * count
+        num += float(np.sum(tick["loss"] * tick["weight"]))
+        den += float(np.sum(tick["weight"]))
+        sse += float(np.sum((tick["yhat"] * (rank + 1) - tick["y"]) ** 2))
+        count += len(tick["y"])
+    return num / den, sse / count
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_ranks_own_value_comes_with_the_same_collective(world: int) -> None:
+    results = run_ddp(w.spread, world, timeout=60)
+    own = [_own_emas(r) for r in range(world)]
+    for res in results:
+        assert res == results[0]  # the same on every rank
+        assert res["collectives"] == ["all_gather"]  # no extra collective for the spread
+    for i in range(2):
+        per_rank = [o[i] for o in own]
+        assert results[0]["ranks"][i] == pytest.approx(per_rank, rel=1e-12)
+        assert results[0]["min"][i] == pytest.approx(min(per_rank), rel=1e-12)
+        assert results[0]["max"][i] == pytest.approx(max(per_rank), rel=1e-12)
+        assert min(per_rank) < results[0]["pooled"][i] < max(per_rank)
+    assert own[0][1] != pytest.approx(own[1][1], rel=0.1)  # the ranks' data do differ

@@ -16,7 +16,7 @@ from ema_metrics import _callback_checkpoint as ckpt
 from ema_metrics import _lightning_internals as internals
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics._callback_options import CallbackOptions
-from ema_metrics._functions import synced_values
+from ema_metrics._functions import synced_values, synced_values_by_rank
 from ema_metrics.ema import EMAMetric
 
 
@@ -80,6 +80,10 @@ class _EMAMetricsCallbackLogic(CallbackOptions):
         reset_on_epoch: restart every EMA at the start of each training epoch.
         prog_bar: show the zero-code values in the progress bar.
         sync: ``"step"`` (pool every optimizer step) or ``"logged"`` (only the steps Lightning logs).
+        rank_spread: also log ``<name>/rank_min`` and ``<name>/rank_max``, the smallest and largest of the ranks'
+            own EMAs, at every sync (no extra collective: the sync gathers every rank's sums anyway). ``<name>`` is
+            the metric's attribute path, or the log name of a zero-code metric; only scalar metrics whose states
+            travel in the sync's first collective (every ``EMAMetric``) have a spread.
 
     Raises:
         TypeError: If an argument has the wrong type (names must be strings, flags must be ``bool``). When ``fit``
@@ -218,7 +222,7 @@ class _EMAMetricsCallbackLogic(CallbackOptions):
             self._tick_open = self._stepped = False
         wanted = any(cb.should_sync(trainer, step_done) for cb in self._group)
         if wanted or internals.logs_this_batch(trainer, step_done, pl_module.automatic_optimization):
-            self._sync()
+            self._sync(pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Keep a copy of the EMA states: Lightning resets logged metrics right after this hook."""
@@ -272,12 +276,32 @@ class _EMAMetricsCallbackLogic(CallbackOptions):
                 if name in self._snapshot:
                     ckpt.restore_snapshot(m, self._snapshot[name])
 
-    def _sync(self) -> None:
-        """Pool every EMA metric of every instance with one collective; put the values where Lightning reads them."""
+    def _sync(self, pl_module: Any = None) -> None:
+        """Pool every EMA metric of every instance with one collective; put the values where Lightning reads them.
+
+        With ``rank_spread`` (and a module to log with), the same collective gives each rank's own value.
+        """
         metrics = self._group_metrics()
-        for m, value in zip(metrics, synced_values(metrics), strict=True):
+        if pl_module is not None and any(cb.rank_spread for cb in self._group):
+            spreads = synced_values_by_rank(metrics)
+            values = [s.pooled for s in spreads]
+            by_metric = {id(m): s for m, s in zip(metrics, spreads, strict=True)}
+            for cb in self._group:
+                if cb.rank_spread:
+                    cb._log_spread(pl_module, by_metric)
+        else:
+            values = synced_values(metrics)
+        for m, value in zip(metrics, values, strict=True):
             internals.write_logged_value(m, value)
         self._synced = True
+
+    def _log_spread(self, pl_module: Any, by_metric: dict[int, Any]) -> None:
+        named = [*self._driven.items(), *((self.keys[k], m) for k, m in self._own.items())]
+        for name, m in named:
+            spread = by_metric[id(m)]
+            if spread.pooled.numel() == 1:
+                for suffix, value in (("rank_min", spread.min), ("rank_max", spread.max)):
+                    pl_module.log(f"{name}/{suffix}", value.reshape(()), on_step=True, on_epoch=False)
 
     def _late_sync(self, trainer: Any) -> None:
         """A later hook made Lightning log a batch the callback did not sync: sync now, before it is logged."""

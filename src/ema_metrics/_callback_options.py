@@ -36,6 +36,7 @@ class CallbackOptions:
         reset_on_epoch: bool = False,
         prog_bar: bool = True,
         sync: str = "step",
+        rank_spread: bool = False,
     ) -> None:
         self.metric_names = None if metrics is None else _names("metrics", metrics)
         self.exclude = _names("exclude", exclude)
@@ -45,6 +46,7 @@ class CallbackOptions:
             ("weight_by_batch_size", weight_by_batch_size),
             ("reset_on_epoch", reset_on_epoch),
             ("prog_bar", prog_bar),
+            ("rank_spread", rank_spread),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"Expected argument `{name}` to be a bool, but got {flag!r}")
@@ -72,6 +74,7 @@ class CallbackOptions:
         self.reset_on_epoch = reset_on_epoch
         self.prog_bar = prog_bar
         self.sync = sync
+        self.rank_spread = rank_spread
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:

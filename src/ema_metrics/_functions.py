@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["find_ema_metrics", "sum_ranks", "synced_values", "tick"]
+__all__ = ["RankValues", "find_ema_metrics", "sum_ranks", "synced_values", "synced_values_by_rank", "tick"]
 
 
 def sum_ranks(stacked: Tensor) -> Tensor:
@@ -60,6 +61,65 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
         ['3.0000', '2.4391']
 
     """
+    return _pool_values(metrics, process_group, with_ranks=False)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RankValues:
+    """A metric's pooled value and each rank's own value, from the same sync.
+
+    Attributes:
+        pooled: the value over all ranks (what :func:`synced_values` returns).
+        ranks: each rank's own value, stacked: shape ``(world_size, *pooled.shape)``.
+
+    """
+
+    pooled: Tensor
+    ranks: Tensor
+
+    @property
+    def min(self) -> Tensor:
+        """The smallest per-rank value (elementwise)."""
+        return self.ranks.amin(dim=0)
+
+    @property
+    def max(self) -> Tensor:
+        """The largest per-rank value (elementwise)."""
+        return self.ranks.amax(dim=0)
+
+
+def synced_values_by_rank(metrics: Sequence[DecayedSumMetric], process_group: Any | None = None) -> list[RankValues]:
+    """Pooled values and every rank's own value of several metrics, with the same **one** collective.
+
+    A sync gathers every rank's decayed sums anyway, so each rank's own EMA costs nothing more: a rank whose data or
+    replica has gone wrong shows up as an outlier. Available for metrics whose states travel in the first collective
+    of a sync (up to ``ema_metrics._sync.INLINE`` values for all of them together; every :class:`EMAMetric`); a
+    larger state is summed by an ``all_reduce``, which keeps no rank's own value.
+
+    Args:
+        metrics: the EMA metrics (every rank passes the same ones in the same order).
+        process_group: the group to pool over (default: each metric's own).
+
+    Returns:
+        For each metric, its pooled value and its per-rank values.
+
+    Raises:
+        ValueError: If the states are too large to travel in the first collective.
+
+    Example:
+        >>> from ema_metrics import EMAMetric, synced_values_by_rank
+        >>> loss = EMAMetric(alpha=0.5)
+        >>> for x in (4.0, 2.0):
+        ...     _ = loss(x)
+        >>> (spread,) = synced_values_by_rank([loss])
+        >>> print(f"pooled={spread.pooled:.4f} min={spread.min:.4f} max={spread.max:.4f} ranks={len(spread.ranks)}")
+        pooled=2.6667 min=2.6667 max=2.6667 ranks=1
+
+    """
+    return _pool_values(metrics, process_group, with_ranks=True)  # type: ignore[return-value]
+
+
+def _pool_values(metrics: Sequence[DecayedSumMetric], process_group: Any, with_ranks: bool) -> list[Any]:
     if isinstance(metrics, DecayedSumMetric) or not isinstance(metrics, Sequence):
         raise TypeError(f"Expected argument `metrics` to be a sequence of EMA metrics, but got {metrics!r}")
     bad = [m for m in metrics if not isinstance(m, DecayedSumMetric)]
@@ -71,10 +131,21 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
         groups.setdefault(id(group), (group, []))[1].append(i)
     values: list[Any] = [None] * len(metrics)
     for group, members in groups.values():
-        members_metrics = [metrics[i] for i in members]
-        gather = members_metrics[0].dist_sync_fn
-        for i, pooled in zip(members, _sync.pool(members_metrics, group, gather=gather), strict=True):
-            values[i] = metrics[i]._value_of(pooled)
+        chosen = [metrics[i] for i in members]
+        pooled = _sync.pool(chosen, group, with_ranks=with_ranks, gather=chosen[0].dist_sync_fn)
+        for i, p in zip(members, pooled, strict=True):
+            value = metrics[i]._value_of(p)
+            if not with_ranks:
+                values[i] = value
+                continue
+            if p.ranks is None:
+                raise ValueError(
+                    f"{type(metrics[i]).__name__}: per-rank values need every rank's state, which travels in the first"
+                    f" collective of a sync only up to {_sync.INLINE} values for all the metrics together; these"
+                    " states are larger and are summed by an all_reduce. Ask for fewer or smaller metrics at once."
+                )
+            ranks = [metrics[i]._value_from_states(states) for states in p.ranks]
+            values[i] = RankValues(pooled=value, ranks=torch.stack([torch.as_tensor(r) for r in ranks]))
     return values
 
 
