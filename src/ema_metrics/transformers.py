@@ -5,6 +5,7 @@ Install with ``pip install 'ema_metrics[transformers]'``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 try:
@@ -122,7 +123,12 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     def state(self) -> dict[str, Any]:
         """What the Trainer stores in ``trainer_state.json``: the arguments, and every rank's state when gathered."""
         return {
-            "args": {"alpha": self.metric.alpha, "adjust": self.metric.adjust, "name": self.name},
+            "args": {
+                "alpha": self.metric.alpha,
+                "adjust": self.metric.adjust,
+                "name": self.name,
+                "shift_labels": self.shift_labels,
+            },
             "attributes": {"checkpoint_ranks": self.checkpoint_ranks},
         }
 
@@ -131,6 +137,19 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         entries = entries if isinstance(entries, list) else [entries]
         mine = [e for e in entries if isinstance(e, dict) and e.get("args", {}).get("name") == self.name]
         return mine[-1].get("attributes", {}).get("checkpoint_ranks") if mine else None
+
+    def _restore(self, saved: Any, step: int) -> None:
+        where = f"trainer_state.json, {type(self).__name__} {self.name!r}"
+        if not isinstance(saved, dict) or saved.get("step") != step:
+            found = "no state" if not isinstance(saved, dict) else f"the state of step {saved.get('step')!r}"
+            warnings.warn(
+                f"{where}: the checkpoint of step {step} holds {found} (was it saved without this callback, or"
+                f" requested after its on_step_end?); {self.name} starts again from this step",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        _hf_state.restore_states(self.metric, saved, where)
 
     def _gather_if_saving(self, args: Any, state: Any, control: Any) -> None:
         best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
@@ -170,9 +189,8 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         self.metric.reset()
         self.checkpoint_ranks = None
-        saved = self._saved_entry(state) if state.global_step > 0 else None
-        if saved is not None:
-            _hf_state.restore_states(self.metric, saved, f"trainer_state.json, {type(self).__name__} {self.name!r}")
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._restore(self._saved_entry(state), state.global_step)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the optimizer step's tick: every micro-batch of every rank until ``on_step_end`` pools into it."""
