@@ -71,10 +71,47 @@ def count_collectives(record: list[Any], step: Any) -> None:
         setattr(dist, name, functools.wraps(original)(wrapped))
 
 
+def make_recorder(ema: Any, records: dict[str, Any]) -> Any:
+    """A test-only callback: per-token losses recomputed from the logits, and ``ema``'s state after every step.
+
+    ``records["tokens"][str(step)]`` gets ``[summed token loss, token count]`` per micro-batch (float64 cross-entropy
+    of the shifted labels that are not -100), ``records["states"]`` the metric's state at train begin and after each
+    optimizer step (when ``ema`` is given).
+    """
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):  # type: ignore[misc]
+        step = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if ema is not None:
+                records.setdefault("states", {})["begin"] = _state(ema)
+            model.register_forward_hook(self.hook, with_kwargs=True)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step = state.global_step
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if ema is not None:
+                records.setdefault("states", {})[str(state.global_step)] = _state(ema)
+
+        def hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+            if not module.training:
+                return
+            logits = output.logits.detach().to(torch.float64)[:, :-1]
+            labels = kwargs["labels"][:, 1:]
+            per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            valid = labels != -100
+            entry = [float(per_token[valid].sum()), int(valid.sum())]
+            records.setdefault("tokens", {}).setdefault(str(self.step), []).append(entry)
+
+    return Recorder()
+
+
 def main(config_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from ema_metrics.transformers import EMALossCallback
 
@@ -110,33 +147,10 @@ def main(config_path: str) -> None:
     ema = EMALossCallback(half_life=cfg["half_life"])
     records: dict[str, Any] = {"tokens": {}, "states": {}, "collectives": []}
 
-    class Recorder(TrainerCallback):  # type: ignore[misc]
-        """Test-only: per-token losses from the logits, and the callback's metric state after every step."""
-
-        step = 0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            records["states"]["begin"] = _state(ema)
-            model.register_forward_hook(self.hook, with_kwargs=True)
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.step = state.global_step
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            records["states"][str(state.global_step)] = _state(ema)
-
-        def hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-            if not module.training:
-                return
-            logits = output.logits.detach().to(torch.float64)[:, :-1]
-            labels = kwargs["labels"][:, 1:]
-            per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            valid = labels != -100
-            entry = [float(per_token[valid].sum()), int(valid.sum())]
-            records["tokens"].setdefault(str(self.step), []).append(entry)
+    recorder = make_recorder(ema, records)
 
     trainer = SequentialTrainer(
-        model=model, args=args, train_dataset=make_data(cfg["samples"], seed=1), callbacks=[ema, Recorder()]
+        model=model, args=args, train_dataset=make_data(cfg["samples"], seed=1), callbacks=[ema, recorder]
     )
     count_collectives(records["collectives"], lambda: trainer.state.global_step)
     trainer.train(resume_from_checkpoint=cfg.get("resume"))
