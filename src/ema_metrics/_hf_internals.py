@@ -1,6 +1,7 @@
 """Every use of a ``transformers`` internal by :mod:`ema_metrics.transformers`, each with what it is for.
 
-Checked against transformers 4.48, 4.51, 4.57 and 5.24. A missing internal fails when training starts, with a message naming it.
+Checked against transformers 4.48, 4.51, 4.57 and 5.24. A missing internal fails when training starts, with a
+message naming it.
 """
 
 from __future__ import annotations
