@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,25 @@ def test_a_short_run_logs_loss_ema_and_unhooks_the_model(tmp_path: Path) -> None
     callback = _train(tmp_path, logging_steps=1)
     assert callback.metric.ticks == 2  # one tick per optimizer step
     assert callback._hook is None
+
+
+def test_resume_from_a_checkpoint_written_without_the_callback_warns_and_restarts(tmp_path: Path) -> None:
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG, eos_token_id=0))
+    Trainer(model=model, args=args, train_dataset=make_data(16, seed=1)).train()  # no EMALossCallback
+    args.max_steps = 4
+    callback = EMALossCallback(half_life=3)
+    trainer = Trainer(model=model, args=args, train_dataset=make_data(16, seed=1), callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"checkpoint of step 2 holds no state .* loss_ema starts again"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # and saves at step 4
+    assert callback.metric.ticks == 2
+    assert [h["step"] for h in trainer.state.log_history if "loss_ema" in h] == [3, 4]
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["EMALossCallback"]["attributes"]["checkpoint_ranks"]["step"] == 4
 
 
 def test_token_count_shifts_labels_for_causal_lms_only() -> None:

@@ -191,6 +191,10 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         self.checkpoint_ranks = None
         if state.global_step > 0:  # resumed from a checkpoint
             self._restore(self._saved_entry(state), state.global_step)
+        if isinstance(state.stateful_callbacks, dict):
+            # A checkpoint written without this callback has no entry for it, and `_save_checkpoint` (5.24) indexes
+            # the entry of every ExportableState callback: give it one, or the next save raises a KeyError.
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the optimizer step's tick: every micro-batch of every rank until ``on_step_end`` pools into it."""
