@@ -169,7 +169,9 @@ def main(config_path: str) -> None:
 
 
 def _state(ema: Any) -> dict[str, Any]:
-    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in ema.metric.state_dict().items()}
+    """The callback metric's tick count and the tensors of its ``state_dict``."""
+    tensors = {k: v.tolist() for k, v in ema.metric.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {"ticks": ema.metric.ticks, "tensors": tensors}
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The Hugging Face Trainer integration logs the exact token-weighted loss EMA, whatever the layout.
 
-Five Trainer runs of ``tests/hf_worker.py`` (tiny GPT-2 from a config, random padded tokens, the same samples in each
+Six Trainer runs of ``tests/hf_worker.py`` (tiny GPT-2 from a config, random padded tokens, the same samples in each
 optimizer step, 2 epochs of 6 steps, checkpoint at step 6):
 
 - ``a``: 1 process x accumulation 4 (batch 2), reporting to TensorBoard and MLflow;
 - ``b``: 2 processes (gloo) x accumulation 2 (batch 2), reporting to TensorBoard;
 - ``c``: 1 process x accumulation 1 (batch 8, the combined batch);
 - ``d``: ``b``'s checkpoint resumed on 1 process x accumulation 4 (pooled state);
-- ``e``: ``b``'s checkpoint resumed on 2 processes x accumulation 2 (per-rank state).
+- ``e``: ``b``'s checkpoint resumed on 2 processes x accumulation 2 (per-rank state);
+- ``f``: ``a``'s checkpoint resumed on 2 processes x accumulation 2 (pooled state on rank 0, none on rank 1).
 
 The oracle is a float64 EMA over optimizer steps of the per-token losses that a test-only hook recomputed from the
 logits on every rank: sum_i beta^(t-i) S_i / sum_i beta^(t-i) N_i, S_i the summed token losses of step i over all
@@ -82,9 +83,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         name: _launch(root / name, p, b, k, report_to=reports[name]) for name, (p, b, k) in LAYOUTS.items()
     }
     out: dict[str, Any] = {name: _finish(proc, root / name, LAYOUTS[name][0]) for name, proc in procs.items()}
-    checkpoint = str(root / "b" / "trainer" / "checkpoint-6")
-    resumed = {"d": (1, 2, 4), "e": (2, 2, 2)}
-    procs = {name: _launch(root / name, p, b, k, resume=checkpoint) for name, (p, b, k) in resumed.items()}
+    resumed = {"d": (1, 2, 4, "b"), "e": (2, 2, 2, "b"), "f": (2, 2, 2, "a")}  # (..., the run resumed)
+    procs = {
+        name: _launch(root / name, p, b, k, resume=str(root / src / "trainer" / "checkpoint-6"))
+        for name, (p, b, k, src) in resumed.items()
+    }
     out.update({name: _finish(proc, root / name, resumed[name][0]) for name, proc in procs.items()})
     out["root"] = root
     return out
@@ -207,12 +210,28 @@ def test_resume_on_the_same_world_size_restores_each_rank_exactly(runs: dict[str
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_resume_on_another_world_size_continues_the_pooled_curve(runs: dict[str, Any]) -> None:
+def test_resume_on_more_processes_continues_the_curve(runs: dict[str, Any]) -> None:
+    first, second = runs["f"]
+    assert first["states"]["begin"] == runs["a"][0]["states"]["6"]  # rank 0 takes the saved (pooled) state
+    assert second["states"]["begin"]["ticks"] == 6  # rank 1 starts with no observation, in step with rank 0
+    assert all(not any(np.ravel(v)) for v in second["states"]["begin"]["tensors"].values())
+    sums_before, counts_before = step_totals(runs["a"], range(6))
+    sums_after, counts_after = step_totals(runs["f"], range(6, STEPS))
+    oracle = ema_oracle(np.r_[sums_before, sums_after], np.r_[counts_before, counts_after], HALF_LIFE)
+    after = [s for s in LOGGED if s > 6]
+    for rank in runs["f"]:
+        points = logged(rank)
+        np.testing.assert_allclose([points[s] for s in after], oracle[np.array(after) - 1], rtol=1e-6)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_resume_on_fewer_processes_continues_the_pooled_curve(runs: dict[str, Any]) -> None:
     (resumed,) = runs["d"]
-    start = resumed["states"]["begin"]
-    begin = {k: torch.tensor(v, dtype=torch.float64) for k, v in start.items() if isinstance(v, list)}
-    for key, value in begin.items():  # rank 0 holds the sum of the two saved ranks
-        total = sum(torch.tensor(r["states"]["6"][key], dtype=torch.float64) for r in runs["b"])
+    assert resumed["states"]["begin"]["ticks"] == 6
+    for key, value in resumed["states"]["begin"]["tensors"].items():  # rank 0 holds the sum of the saved ranks
+        value = torch.tensor(value, dtype=torch.float64)
+        total = sum(torch.tensor(r["states"]["6"]["tensors"][key], dtype=torch.float64) for r in runs["b"])
         torch.testing.assert_close(value, total, rtol=1e-12, atol=0)
     sums_before, counts_before = step_totals(runs["b"], range(6))
     sums_after, counts_after = step_totals(runs["d"], range(6, STEPS))
