@@ -45,7 +45,8 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     least invasive exact hook: no ``Trainer`` subclass, no change to ``compute_loss``, and no second pass over the
     logits. The Trainer's own per-micro-batch loss cannot be used: it is already rescaled (for accumulation and the
     number of processes) in ways that depend on the model and the Trainer version. Per micro-batch the hook adds the
-    token-summed loss and the token count to the open tick as device tensors: no collective, no host read-back.
+    token-summed loss and the token count to the open tick as device tensors: no collective, no host read-back (the
+    Trainer itself reads every micro-batch's loss back while ``logging_nan_inf_filter=True``, its default).
 
     **Token count.** For a decoder-only causal LM (detected from the model's ``loss_type``, or its class in the
     causal-LM auto mapping) the count is that of the *shifted* labels that are not ``-100``,
