@@ -42,6 +42,7 @@ def place_before_reporters(handler: Any, callback: Any) -> None:
     The Trainer's list is ``[DefaultFlowCallback, <report_to integrations>, <user callbacks>, <progress callback>]``
     and ``on_log`` runs them in that order, so a key added by a user callback's ``on_log`` would reach no reporter.
     After ``DefaultFlowCallback``, because its ``on_step_end`` decides ``control.should_save``, which ours reads.
+    The move is safe while the handler iterates over the list: the callbacks after this one keep their positions.
     """
     from transformers.trainer_callback import DefaultFlowCallback
 
