@@ -56,7 +56,8 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     the detection. The Trainer's ``num_items_in_batch`` is not used as the count (for some models it counts the
     unshifted labels). The model's loss is taken to be the mean over the counted labels or, when the Trainer passes
     ``num_items_in_batch``, their sum divided by it, as the cross-entropy losses of ``transformers`` compute it (the
-    Trainer's gradient scaling assumes the same).
+    Trainer's gradient scaling assumes the same; a loss that ignores a ``num_items_in_batch`` it is passed, such as
+    the MSE of a regression head, is not supported).
 
     **Refused setups**, which change the loss out of the hook's sight: ``label_smoothing_factor`` (at train begin),
     several GPUs in one process (``DataParallel``; launch one process per GPU), and at the first micro-batch a model
@@ -69,11 +70,14 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     the logs and to the ``log_history`` entry just appended. That pooling is one collective, on every rank, in each
     training log (those that hold ``loss``), and none on other steps.
 
-    **Epochs and checkpoints.** The EMA runs on across epochs. The callback is an ``ExportableState``: at every step
-    that may save a checkpoint it gathers every rank's state (one collective), and the Trainer stores them in
-    ``trainer_state.json``. On ``resume_from_checkpoint`` each rank takes its own state back on the same number of
-    processes (bit-exact); on another number rank 0 takes the pooled sums and the others start from zero, which
-    continues the same pooled curve.
+    **Epochs and checkpoints.** The EMA runs on across epochs. The callback is an ``ExportableState``: when a
+    checkpoint may follow (``control.should_save`` at ``on_step_end`` or ``on_epoch_end``, and every evaluation step
+    with ``save_strategy="best"``) it gathers every rank's state (one collective), and the Trainer stores them in
+    ``trainer_state.json``, which every rank reads back on ``resume_from_checkpoint``. Each rank then takes its own
+    state back on the same number of processes (bit-exact); on another number rank 0 takes the pooled sums and the
+    others start from zero, which continues the same pooled curve. A checkpoint with no state for the current step
+    (written without the callback, or requested by a callback after its ``on_step_end``) restarts the EMA, with a
+    warning.
 
     Args:
         alpha: smoothing factor in ``(0, 1]``; give exactly one of ``alpha``, ``half_life``, ``span``, ``com``.
