@@ -2,10 +2,10 @@
 
 The Trainer writes the state of its ``ExportableState`` callbacks into ``trainer_state.json`` (from rank 0) and every
 rank reads that file back on ``resume_from_checkpoint``, so the per-rank states travel with the checkpoint without a
-file of their own. A state is the metric's ``state_dict()``: its tensors are decayed float64 sums (and counts) that
-add across ranks, and its ``_extra_state`` holds the tick count, which must agree across ranks, and counters that add.
-Python floats survive JSON exactly (``repr`` round-trips a float64), so a resume on the same number of processes is
-bit-exact per rank.
+file of their own. A state is the metric's ``state_dict()`` (float64 tensors, and an ``_extra_state`` holding the tick
+count); states of several ranks are pooled by the metric's own ``merge_state``, as a sync pools them. Python floats
+survive JSON exactly (``repr`` round-trips a float64), so a resume on the same number of processes is bit-exact per
+rank.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ema_metrics.ema import EMAMetric
+from ema_metrics import EMAMetric
 
 __all__ = ["gather_states", "restore_states"]
 
 _EXTRA = "_extra_state"
-# entries of `_extra_state` that describe the state instead of counting observations: kept, not summed
-_NOT_SUMMED = frozenset({"format", "ticks", "alpha", "replica"})
 
 
 def _world() -> tuple[int, int]:
@@ -81,32 +79,34 @@ def _decode(metric: EMAMetric, row: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _pooled(states: list[dict[str, Any]], keep: bool, where: str) -> dict[str, Any]:
-    """The sum of several ranks' states (``keep=True``), or a state with no observation (``keep=False``)."""
-    ticks = {s[_EXTRA]["ticks"] for s in states if _EXTRA in s}
-    if len(ticks) > 1:
-        raise ValueError(f"{where}: the saved ranks ticked different numbers of times ({sorted(ticks)})")
-    out: dict[str, Any] = {}
-    for key, first in states[0].items():
-        if isinstance(first, Tensor):
-            total = torch.stack([s[key].to(torch.float64) for s in states]).sum(0).to(first.dtype)
-            out[key] = total if keep else torch.zeros_like(first)
-        elif key == _EXTRA:
-            out[key] = {
-                k: v if k in _NOT_SUMMED or not isinstance(v, int) else (sum(s[key][k] for s in states) if keep else 0)
-                for k, v in first.items()
-            }
-        else:
-            out[key] = first
-    return out
+def _pooled(metric: EMAMetric, states: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The state of all saved ranks pooled, by the metric's own ``merge_state`` (exact, as a sync pools them)."""
+    pooled = metric.clone()
+    pooled.reset()
+    pooled.load_state_dict(states[0])
+    for state in states[1:]:
+        try:
+            pooled.merge_state(state)
+        except ValueError as err:
+            raise ValueError(f"{where}: the saved ranks cannot be pooled: {err}") from err
+    return pooled.state_dict()  # type: ignore[no-any-return]
+
+
+def _empty(metric: EMAMetric, ticks: int) -> dict[str, Any]:
+    """The state of a metric with no observation that ticked ``ticks`` times (in step with the other ranks)."""
+    empty = metric.clone()
+    empty.reset()
+    state = empty.state_dict()
+    state[_EXTRA] = {**state[_EXTRA], "ticks": ticks}
+    return state  # type: ignore[no-any-return]
 
 
 def restore_states(metric: EMAMetric, saved: Any, where: str) -> None:
     """Load this rank's state from :func:`gather_states` data.
 
     On the number of processes it was saved with, each rank takes its own state back (bit-exact). On another number,
-    rank 0 takes the sum of all saved ranks and the others start with no observation but the same tick count, which
-    continues the same pooled curve. Every saved rank is validated first; on error the metric is unchanged.
+    rank 0 takes the pooled state of all saved ranks and the others start with no observation but the same tick
+    count, which continues the same pooled curve. Every saved rank is validated first; on error the metric is unchanged.
 
     Raises:
         ValueError: If ``saved`` is not what :func:`gather_states` writes for this metric.
@@ -115,6 +115,11 @@ def restore_states(metric: EMAMetric, saved: Any, where: str) -> None:
     if not isinstance(saved, Mapping) or not isinstance(saved.get("ranks"), list) or not saved["ranks"]:
         raise ValueError(f"{where}: expected a dict with a non-empty list 'ranks', but got {saved!r}")
     states = [_decode(metric, row, f"{where}, rank {r}") for r, row in enumerate(saved["ranks"])]
+    ticks = sorted({state[_EXTRA]["ticks"] for state in states})
+    if len(ticks) > 1:
+        raise ValueError(f"{where}: the saved ranks ticked different numbers of times ({ticks})")
     world, rank = _world()
-    pooled = _pooled(states, keep=rank == 0, where=where)
-    metric.load_state_dict(states[rank] if len(states) == world else pooled)
+    if len(states) == world:
+        metric.load_state_dict(states[rank])
+    else:
+        metric.load_state_dict(_pooled(metric, states, where) if rank == 0 else _empty(metric, ticks[0]))

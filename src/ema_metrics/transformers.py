@@ -20,10 +20,8 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised by the packag
 import torch
 from torch import Tensor
 
+from ema_metrics import EMAMetric, _hf_state, synced_values
 from ema_metrics import _hf_internals as internals
-from ema_metrics import _hf_state
-from ema_metrics._base import synced_values
-from ema_metrics.ema import EMAMetric
 
 __all__ = ["EMALossCallback"]
 
