@@ -91,6 +91,27 @@ def test_resume_from_a_checkpoint_written_without_the_callback_warns_and_restart
     assert saved["EMALossCallback"]["attributes"]["checkpoint_ranks"]["step"] == 4
 
 
+def test_a_micro_batch_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = EMALossCallback(half_life=3)
+    callback._shifts = True
+    labels = torch.tensor([[5, 6, 7, -100], [1, 2, -100, -100]])
+    module = torch.nn.Linear(1, 1).train()
+    callback.metric.begin_tick()
+
+    def read_back(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a tensor was read back to the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, read_back)
+        for loss, num_items in [(torch.tensor(2.0), None), (torch.tensor(0.5), torch.tensor(6))]:
+            kwargs = {"labels": labels, "num_items_in_batch": num_items}
+            callback._on_forward(module, (), kwargs, {"loss": loss})
+    callback.metric.end_tick()
+    # 3 shifted tokens with mean loss 2, then a token sum of 0.5 * 6 over 3 tokens: (6 + 3) / 6
+    assert float(callback.metric.compute()) == pytest.approx(9 / 6, rel=1e-12)
+
+
 def test_token_count_shifts_labels_for_causal_lms_only() -> None:
     assert loss_shifts_labels(GPT2LMHeadModel(GPT2Config(**CONFIG)))  # loss_type None: found by its class
     assert not loss_shifts_labels(GPT2ForSequenceClassification(GPT2Config(**CONFIG, pad_token_id=0)))
