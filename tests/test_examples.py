@@ -143,3 +143,34 @@ def test_examples_agree_across_frameworks() -> None:
         for r, o in zip(reference, other, strict=True):
             np.testing.assert_allclose(o["smoothed"], r["smoothed"], rtol=1e-5, err_msg=name)
             np.testing.assert_allclose(np.concatenate(o["losses"]), np.concatenate(r["losses"]), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face Trainer
+def test_hf_trainer_logs_the_token_weighted_ema_of_optimizer_steps() -> None:
+    pytest.importorskip("transformers", reason="the Trainer example needs `ema_metrics[transformers]`")
+    from tests.hf_worker import make_recorder
+
+    records: dict[str, Any] = {}
+    logs = _example("hf_trainer").train(
+        steps=12, accumulate=2, batch=4, half_life=4, logging_steps=3, callbacks=[make_recorder(None, records)]
+    )
+    assert [log["step"] for log in logs] == [3, 6, 9, 12]
+    steps = [records["tokens"][str(s)] for s in range(12)]  # per step: [summed token loss, count] per micro-batch
+    assert all(len(micro) == 2 for micro in steps)
+    sums = np.array([sum(s for s, _ in micro) for micro in steps])
+    counts = np.array([sum(n for _, n in micro) for micro in steps], dtype=np.float64)
+    oracle = ema_oracle(sums, counts, 4)[[2, 5, 8, 11]]
+    np.testing.assert_allclose([log["loss_ema"] for log in logs], oracle, rtol=1e-6, atol=0)
+    # the check can fail: weighting each micro-batch equally (its mean loss) gives another curve
+    means = np.array([np.mean([s / n for s, n in micro]) for micro in steps])
+    assert max_rel_diff(ema_oracle(means, np.ones(12), 4)[[2, 5, 8, 11]], oracle) > 1e-3
+    assert logs[-1]["loss_ema"] < logs[0]["loss_ema"]  # the model learns to count
+
+
+def test_hf_trainer_cli_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers", reason="the Trainer example needs `ema_metrics[transformers]`")
+    _example("hf_trainer").main(["--steps", "5", "--accumulate", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step=")]
+    assert lines == [lines[0]]
+    assert lines[0].startswith("step=  5 loss=")
+    assert "loss_ema=" in lines[0]

@@ -73,6 +73,8 @@ def test_wheel_contents(dists: tuple[Path, Path]) -> None:
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert any(r.startswith("Requires-Dist: torchmetrics") for r in requires), requires
     assert not [r for r in requires if "lightning" in r and "extra ==" not in r], "lightning must stay optional"
+    assert not [r for r in requires if "transformers" in r and "extra ==" not in r], "transformers must stay optional"
+    assert any(r.startswith("Requires-Dist: transformers") and "extra == 'transformers'" in r for r in requires)
 
 
 def test_sdist_contents(dists: tuple[Path, Path]) -> None:
