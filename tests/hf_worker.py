@@ -144,7 +144,7 @@ def main(config_path: str) -> None:
         GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     )
-    ema = EMALossCallback(half_life=cfg["half_life"])
+    ema = EMALossCallback(half_life=cfg["half_life"], rank_spread=cfg.get("rank_spread", False))
     records: dict[str, Any] = {"tokens": {}, "states": {}, "collectives": []}
 
     recorder = make_recorder(ema, records)

@@ -80,7 +80,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hf")
     reports = {"a": ["tensorboard", "mlflow"], "b": ["tensorboard"], "c": []}
     procs = {
-        name: _launch(root / name, p, b, k, report_to=reports[name]) for name, (p, b, k) in LAYOUTS.items()
+        name: _launch(root / name, p, b, k, report_to=reports[name], rank_spread=name == "b")
+        for name, (p, b, k) in LAYOUTS.items()
     }
     out: dict[str, Any] = {name: _finish(proc, root / name, LAYOUTS[name][0]) for name, proc in procs.items()}
     resumed = {"d": (1, 2, 4, "b"), "e": (2, 2, 2, "b"), "f": (2, 2, 2, "a")}  # (..., the run resumed)
@@ -158,6 +159,13 @@ def test_layouts_log_the_same_curve_equal_to_the_token_oracle(runs: dict[str, An
         assert rel(micro_curves[name], micro_curves["a"]) > 1e-3, name
     # the model learns across the two epochs, and the curve runs on through the epoch boundary (no restart)
     assert curves["a"][-1] < curves["a"][0] - 0.01
+    # layout b also logs the spread of the ranks' own EMAs, from the same collective, on every rank
+    own = [ema_oracle(*step_totals([rank], range(STEPS)), HALF_LIFE)[np.array(LOGGED) - 1] for rank in runs["b"]]
+    assert rel(own[0], own[1]) > 1e-3  # the ranks' token losses differ
+    for rank in runs["b"]:
+        low, high = logged(rank, "loss_ema/rank_min"), logged(rank, "loss_ema/rank_max")
+        np.testing.assert_allclose([low[s] for s in LOGGED], np.minimum(*own), rtol=1e-6)
+        np.testing.assert_allclose([high[s] for s in LOGGED], np.maximum(*own), rtol=1e-6)
     # the Trainer's own `loss` is another number (a window mean with its own token count)
     assert rel([logged(runs["a"][0], "loss")[s] for s in LOGGED], curves["a"]) > 1e-2
 

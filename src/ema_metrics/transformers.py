@@ -20,7 +20,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised by the packag
 import torch
 from torch import Tensor
 
-from ema_metrics import EMAMetric, _hf_state, synced_values
+from ema_metrics import EMAMetric, _hf_state, synced_values, synced_values_by_rank
 from ema_metrics import _hf_internals as internals
 
 __all__ = ["EMALossCallback"]
@@ -85,9 +85,12 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         adjust: debiased average (``True``) or pandas ``adjust=False``.
         name: the key logged (default ``"loss_ema"``).
         shift_labels: count ``labels[..., 1:]`` (``True``) or all ``labels`` (``False``); default: detect.
+        rank_spread: also log ``<name>/rank_min`` and ``<name>/rank_max``, the smallest and largest of the ranks'
+            own EMAs, from the same collective (a rank whose data or replica went wrong shows up as an outlier).
 
     Raises:
-        TypeError: If ``name`` is not a string or ``shift_labels`` is not ``None`` or a bool.
+        TypeError: If ``name`` is not a string, ``shift_labels`` is not ``None`` or a bool, or ``rank_spread`` is not
+            a bool.
         ValueError: If the parametrisation is invalid (see :class:`~ema_metrics.EMAMetric`) or ``name`` is empty.
 
     Example:
@@ -108,16 +111,20 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         adjust: bool = True,
         name: str = "loss_ema",
         shift_labels: bool | None = None,
+        rank_spread: bool = False,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"Expected argument `name` to be a string, but got {name!r}")
         if not name:
             raise ValueError(f"Expected argument `name` to be a non-empty string, but got {name!r}")
+        if not isinstance(rank_spread, bool):
+            raise TypeError(f"Expected argument `rank_spread` to be a bool, but got {rank_spread!r}")
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"Expected argument `shift_labels` to be None or a bool, but got {shift_labels!r}")
         self.metric = EMAMetric(alpha, half_life=half_life, span=span, com=com, adjust=adjust)
         self.name = name
         self.shift_labels = shift_labels
+        self.rank_spread = rank_spread
         self.checkpoint_ranks: dict[str, Any] | None = None  # every rank's state, gathered before a possible save
         self._hook: Any = None
         self._shifts = False
@@ -219,11 +226,19 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         """Add the pooled EMA to a training log (one holding ``loss``) and to its ``log_history`` entry."""
         if logs is None or "loss" not in logs:
             return
-        value = float(synced_values([self.metric])[0])  # one collective, on every rank
-        logs[self.name] = value
+        if self.rank_spread:  # the same one collective gives each rank's own EMA
+            (spread,) = synced_values_by_rank([self.metric])
+            values = {
+                self.name: float(spread.pooled),
+                f"{self.name}/rank_min": float(spread.min),
+                f"{self.name}/rank_max": float(spread.max),
+            }
+        else:
+            values = {self.name: float(synced_values([self.metric])[0])}  # one collective, on every rank
+        logs.update(values)
         last = state.log_history[-1] if state.log_history else None
         if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
-            last[self.name] = value
+            last.update(values)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Remove the forward hook (the metric keeps this rank's state)."""
