@@ -12,11 +12,13 @@ from torch import Tensor
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
+from ema_metrics._inputs import check_overflow
 
 __all__ = ["EMAMetric"]
 
 _NAN_STRATEGIES = ("error", "warn", "ignore", "disable")
 _F64 = torch.float64
+_INF = math.inf
 _REAL_DTYPES = frozenset(
     {
         torch.float64,
@@ -52,6 +54,9 @@ class _Hot(NamedTuple):
     one: Tensor
     zero: Tensor
     reject: Tensor  # [0, 0, 0, 1]: the sums of an update whose tensor weight was invalid
+    inc: Tensor  # scratch for the sums of a 0-d update, [w*x, w, 1 + 0*x, 0*x]
+    finite: Tensor  # view of inc[2]: 1 for a finite x, NaN otherwise
+    buf: Tensor  # scratch: inc * finite, cleaned
     coef: dict[float, _Coef]
 
 
@@ -101,6 +106,10 @@ class EMAMetric(DecayedSumMetric):
               ``update`` without a host sync); the state holds only the finite observations.
             - ``"disable"``: no check; a non-finite value poisons the average.
             - a float: replace each non-finite value by this number (imputation), with its weight.
+
+            A finite value is never dropped: if its product with its weight, the sums of a tick or the decayed sums
+            overflow float64, ``compute`` raises ``OverflowError`` (``forward`` returns the non-finite ratio, as it
+            reads nothing back to check); with ``"disable"`` the overflow propagates like any non-finite value.
         kwargs: torchmetrics ``Metric`` arguments (``dist_sync_on_step``, ``process_group``, ``dist_sync_fn``, ...).
 
     Raises:
@@ -158,6 +167,7 @@ class EMAMetric(DecayedSumMetric):
     def _build_hot(self) -> _Hot:
         sums = self.sums
         dev = sums.device
+        inc = torch.zeros(4, dtype=_F64, device=dev)
         hot = _Hot(
             sums=sums,
             num=sums[0],
@@ -167,6 +177,9 @@ class EMAMetric(DecayedSumMetric):
             one=torch.ones((), dtype=_F64, device=dev),
             zero=torch.zeros((), dtype=_F64, device=dev),
             reject=torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=_F64, device=dev),
+            inc=inc,
+            finite=inc[2],
+            buf=torch.zeros(4, dtype=_F64, device=dev),
             coef={},
         )
         self.__dict__["_hot"] = hot
@@ -200,22 +213,34 @@ class EMAMetric(DecayedSumMetric):
             x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
         if type(weight) is float or type(weight) is int:
             coef = hot.coef.get(weight) or self._coef(hot, weight)
+            # The sums [w*x, w, 1, 0] of each value come from one addcmul: c0 + x * c1. Their third entry,
+            # 1 + 0*x, is 1 for a finite x and NaN otherwise; multiplying by it makes every sum of a non-finite
+            # value NaN, and NaN (only NaN) is then cleaned to 0, so the value is dropped with its weight. A finite
+            # product w*x that overflows stays inf, and compute reports it. (One more small kernel than a plain
+            # cleaning, about 1 us; see benchmarks/bench_update.py.)
             if x.dim() == 0:
-                inc = torch.addcmul(coef.c0, x, coef.c1)
+                numel = 1
                 if d["_clean"]:
-                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+                    torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
+                    inc = torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
+                else:
+                    inc = torch.addcmul(coef.c0, x, coef.c1)
             else:
+                numel = x.numel()
                 inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-                if d["_clean"]:
-                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-                inc = inc.sum(1)
-            in_tick = d["_in_tick"]
-            decay = hot.decay if not in_tick or self._tick_decay() else hot.keep
+                inc = torch.nansum(inc * inc[2:3], 1) if d["_clean"] else inc.sum(1)
+            if d["_in_tick"]:
+                in_tick = True
+                decay = hot.decay if self._tick_decay() else hot.keep
+            else:
+                in_tick = False
+                decay = hot.decay
         else:
+            numel = x.numel()
             inc, decay = self._tensor_weight_sums(hot, x, weight)
             in_tick = d["_in_tick"]
         torch.addcmul(inc, hot.sums, decay, out=hot.sums)
-        d["_numel"] += x.numel()
+        d["_numel"] += numel
         if not in_tick:
             if d["_ticks"] or d["adjust"]:
                 d["_ticks"] += 1
@@ -229,9 +254,8 @@ class EMAMetric(DecayedSumMetric):
         if isinstance(weight, Real):
             coef = self._coef(hot, float(weight))
             inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-            if self._clean:
-                torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-            return inc.sum(1), hot.decay if self._tick_decay() else hot.keep
+            inc = torch.nansum(inc * inc[2:3], 1) if self._clean else inc.sum(1)
+            return inc, hot.decay if self._tick_decay() else hot.keep
         w = weight.detach() if isinstance(weight, Tensor) else _as_tensor(weight, "weight")
         if w.is_complex() or w.dtype == torch.bool:
             raise TypeError(f"Expected argument `weight` to be a real-valued tensor, but got dtype {w.dtype}")
@@ -250,10 +274,9 @@ class EMAMetric(DecayedSumMetric):
         we = w.expand(x.shape).reshape(1, -1).to(_F64)
         finite = torch.addcmul(hot.one, xe, hot.zero)  # 1 where x is finite, NaN elsewhere
         wd = we * finite
-        inc = torch.cat((xe * we, wd, finite, torch.zeros_like(finite)))
-        if self._clean:
-            torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-        inc = inc.sum(1)
+        # x * (w * finite) is NaN for a non-finite x (dropped) and inf for a finite product that overflows (kept)
+        inc = torch.cat((xe * wd, wd, finite, torch.zeros_like(finite)))
+        inc = torch.nansum(inc, 1) if self._clean else inc.sum(1)
         invalid = torch.logical_or(w < 0, ~torch.isfinite(w)).any()
         # An invalid weight rejects the whole update on the device: the state is left as it was (no decay
         # either), a counter records it, and ``compute`` raises. Reading it here would need a host sync.
@@ -301,6 +324,8 @@ class EMAMetric(DecayedSumMetric):
 
         Raises:
             ValueError: If an update was rejected for a negative or non-finite tensor ``weight``.
+            OverflowError: If a product ``weight * value``, a tick's sums or the decayed sums overflowed float64 (not
+                with ``nan_strategy="disable"``, where a non-finite value poisons the average by design).
             RuntimeError: If ``nan_strategy="error"`` and non-finite values were seen.
 
         """
@@ -311,13 +336,15 @@ class EMAMetric(DecayedSumMetric):
     ) -> Tensor:
         sums = states["sums"]
         if check:
-            finite, rejected = sums[2:].tolist()
+            num, den, finite, rejected = sums.tolist()
             if rejected > 0:
                 raise ValueError(
                     f"{type(self).__name__}: {int(rejected)} update(s) were rejected because argument `weight` held"
                     " a negative or non-finite value; those updates were left out of the state. Reset the metric"
                     " after fixing the weights."
                 )
+            if self.nan_strategy != "disable":  # with "disable" a non-finite value poisons the sums by design
+                check_overflow(type(self).__name__, num, den)
             if self.nan_strategy in ("error", "warn"):
                 # only these strategies count dropped values; with "disable" a NaN value makes the counts NaN too
                 numel = (counters or self._extra_counters())["numel"]
