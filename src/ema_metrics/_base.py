@@ -22,6 +22,7 @@ from torch.nn.modules import module as _nn_module
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ema_metrics._inputs import shown
 from ema_metrics._params import resolve_alpha
 from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
 
@@ -541,6 +542,9 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
     Returns:
         The synced value of each metric, in order.
 
+    Raises:
+        TypeError: If ``metrics`` is not a list or tuple of EMA metrics.
+
     Example:
         >>> import torch
         >>> from ema_metrics import EMAMetric, synced_values
@@ -551,6 +555,7 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
         ['3.0000', '2.4391']
 
     """
+    _check_metric_sequence(metrics)
     if not metrics:
         return []
     if not _distributed_ready():
@@ -567,12 +572,30 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
     return values
 
 
+def _check_metric_sequence(metrics: Any) -> None:
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(
+            f"Expected argument `metrics` to be a list or tuple of EMA metrics, but got {shown(metrics)} of type"
+            f" {type(metrics).__name__}"
+        )
+    for i, m in enumerate(metrics):
+        if not isinstance(m, DecayedSumMetric):
+            raise TypeError(
+                f"Expected argument `metrics` to hold EMA metrics, but item {i} is {shown(m)} of type"
+                f" {type(m).__name__}"
+            )
+
+
 @contextmanager
 def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedSumMetric]]:
     """Group the updates of several metrics (or of every EMA metric inside modules) into one tick each.
 
     Args:
         metrics: metrics, or modules whose EMA metrics (nested submodules included) should tick together.
+
+    Raises:
+        TypeError: If an argument is neither an EMA metric nor a module (a plain torchmetrics metric included).
+        RuntimeError: If the tick of one of the metrics is already open; then no tick is opened.
 
     Example:
         >>> from ema_metrics import EMAMetric, tick
@@ -588,6 +611,12 @@ def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedS
 
     """
     found = find_ema_metrics(*metrics)
+    already = [m for m in found if m.in_tick]
+    if already:  # all or nothing: no metric is opened (or later closed) when one cannot be
+        raise RuntimeError(
+            f"tick() was given {len(already)} metric(s) whose tick is already open"
+            f" ({', '.join(type(m).__name__ for m in already)}); no tick was opened. Close it with end_tick() first."
+        )
     opened: list[DecayedSumMetric] = []
     try:
         for m in found:
@@ -618,10 +647,16 @@ def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedS
     for obj in objs:
         if isinstance(obj, DecayedSumMetric):
             candidates: list[Any] = [obj]
+        elif isinstance(obj, Metric):
+            raise TypeError(
+                f"Expected EMA metrics or torch.nn.Module objects, but got {type(obj).__name__}, a torchmetrics"
+                " metric that is not an exponential moving average (it would not tick); smooth it with"
+                f" EMAWrapper({type(obj).__name__}(...))"
+            )
         elif isinstance(obj, torch.nn.Module):
             candidates = list(obj.modules())
         else:
-            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {obj!r}")
+            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {shown(obj)}")
         for m in candidates:
             if isinstance(m, DecayedSumMetric) and id(m) not in seen:
                 seen.add(id(m))

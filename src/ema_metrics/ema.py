@@ -12,26 +12,13 @@ from torch import Tensor
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
-from ema_metrics._inputs import check_overflow
+from ema_metrics._inputs import VALUE_DTYPES, as_float, as_tensor, check_nan_strategy, check_overflow, check_tensor
 
 __all__ = ["EMAMetric"]
 
-_NAN_STRATEGIES = ("error", "warn", "ignore", "disable")
 _F64 = torch.float64
 _INF = math.inf
-_REAL_DTYPES = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-    }
-)
+_STRIDED = torch.strided
 
 
 class _Coef(NamedTuple):
@@ -154,7 +141,7 @@ class EMAMetric(DecayedSumMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
-        self.nan_strategy = _check_nan_strategy(nan_strategy)
+        self.nan_strategy = check_nan_strategy(nan_strategy)
         self._clean = self.nan_strategy in ("error", "warn", "ignore")
         self._impute: float | None = None if isinstance(self.nan_strategy, str) else float(self.nan_strategy)
         # [decayed sum of w*x, decayed sum of w, count of finite values, count of rejected updates]
@@ -186,7 +173,7 @@ class EMAMetric(DecayedSumMetric):
         return hot
 
     def _coef(self, hot: _Hot, weight: float) -> _Coef:
-        w = float(weight)
+        w = as_float(weight, "weight")
         if not (w >= 0.0 and math.isfinite(w)):
             raise ValueError(f"Expected argument `weight` to be a finite non-negative number, but got {weight!r}")
         dev = hot.sums.device
@@ -203,9 +190,9 @@ class EMAMetric(DecayedSumMetric):
         if type(value) is Tensor:
             x = value.detach() if value.requires_grad else value
         else:
-            x = value.detach() if isinstance(value, Tensor) else _as_tensor(value, "value")
-        if not x.is_floating_point() and x.dtype not in _REAL_DTYPES:
-            raise TypeError(f"Expected argument `value` to be a real-valued tensor, but got dtype {x.dtype}")
+            x = value.detach() if isinstance(value, Tensor) else as_tensor(value, "value")
+        if x.dtype not in VALUE_DTYPES or x.layout is not _STRIDED:
+            check_tensor(x, "value")
         hot: _Hot | None = d["_hot"]
         if hot is None or hot.sums is not d["sums"]:
             hot = self._build_hot()
@@ -252,13 +239,12 @@ class EMAMetric(DecayedSumMetric):
         if isinstance(weight, bool):
             raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
         if isinstance(weight, Real):
-            coef = self._coef(hot, float(weight))
+            coef = self._coef(hot, as_float(weight, "weight"))
             inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
             inc = torch.nansum(inc * inc[2:3], 1) if self._clean else inc.sum(1)
             return inc, hot.decay if self._tick_decay() else hot.keep
-        w = weight.detach() if isinstance(weight, Tensor) else _as_tensor(weight, "weight")
-        if w.is_complex() or w.dtype == torch.bool:
-            raise TypeError(f"Expected argument `weight` to be a real-valued tensor, but got dtype {w.dtype}")
+        w = weight.detach() if isinstance(weight, Tensor) else as_tensor(weight, "weight")
+        check_tensor(w, "weight")
         try:
             shape = torch.broadcast_shapes(w.shape, x.shape)  # type: ignore[no-untyped-call]
         except RuntimeError:
@@ -399,32 +385,3 @@ class EMAMetric(DecayedSumMetric):
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""
         return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
-
-
-def _check_nan_strategy(nan_strategy: Any) -> Union[str, float]:
-    if isinstance(nan_strategy, str):
-        if nan_strategy not in _NAN_STRATEGIES:
-            raise ValueError(
-                f"Expected argument `nan_strategy` to be one of {list(_NAN_STRATEGIES)} or a float, but got"
-                f" {nan_strategy!r}"
-            )
-        return nan_strategy
-    if isinstance(nan_strategy, bool) or not isinstance(nan_strategy, Real):
-        raise TypeError(f"Expected argument `nan_strategy` to be a string or a float, but got {nan_strategy!r}")
-    if not math.isfinite(float(nan_strategy)):
-        raise ValueError(
-            f"Expected argument `nan_strategy` to be a finite float when imputing, but got {nan_strategy!r}"
-        )
-    return float(nan_strategy)
-
-
-def _as_tensor(value: Any, name: str) -> Tensor:
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
-    try:
-        out = torch.as_tensor(value, dtype=_F64 if isinstance(value, Real) else None)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}") from err
-    if not (out.is_floating_point() or out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
-    return out

@@ -12,6 +12,7 @@ from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_mea
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
+from ema_metrics._inputs import check_update_tensors
 
 __all__ = ["EMAWrapper"]
 
@@ -168,6 +169,7 @@ class EMAWrapper(DecayedSumMetric):
         self._names = names
         self._scratch: dict[str, Tensor] | None = None
         self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
+        self._update_names = list(metric._update_signature.parameters)
         if metric.device != self.device:
             self.to(metric.device)
 
@@ -188,6 +190,7 @@ class EMAWrapper(DecayedSumMetric):
 
         """
         d = self.__dict__
+        check_update_tensors(args, kwargs, d.get("_update_names", []))
         scratch = d["_scratch"]
         if scratch is None:
             scratch = self._build_scratch()
