@@ -351,7 +351,8 @@ def test_state_dict_round_trip_continues_exactly(kind_name: str) -> None:
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.ticks == 7
     assert {k for k in first.state_dict() if not k.startswith("_")} == {
-        f"decayed_{name}" for name in kind.make()._defaults
+        *(f"decayed_{name}" for name in kind.make()._defaults),
+        "nonfinite_updates",
     }
     for batches, want in zip(ticks[7:], expected[7:], strict=True):
         a = first(*kind.to_args(batches[0]))

@@ -383,6 +383,10 @@ class DecayedSumMetric(Metric):
         self._update_count = max(self._update_count, self._ticks)
         self._set_extra_counters({k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha")})
 
+    def _optional_states(self) -> tuple[str, ...]:
+        """States that a state dict may lack (added in a later version); they keep their value (hook)."""
+        return ()
+
     def _saves_states(self) -> bool:
         """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
         return any(self._persistent[name] for name in self._state_names())
@@ -413,7 +417,9 @@ class DecayedSumMetric(Metric):
             error_msgs.extend(errors)
             return
         present = [name for name in names if prefix + name in state_dict]
-        if not present:  # counters without the states they count (an older `persistent(False)` state dict)
+        optional = self._optional_states()
+        counted = [name for name in present if name not in optional]
+        if not counted:  # counters without the states they count (an older `persistent(False)` state dict)
             state_dict.pop(prefix + EXTRA_STATE_KEY, None)
         # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
         for key in self._defaults:
@@ -426,8 +432,8 @@ class DecayedSumMetric(Metric):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
-        missing = [prefix + name for name in names if self._persistent[name] and name not in present]
-        if not present:  # the states are reported missing, or are not saved at all: not the counters as well
+        missing = [prefix + n for n in names if self._persistent[n] and n not in present and n not in optional]
+        if not counted:  # the states are reported missing, or are not saved at all: not their counters as well
             missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
         missing_keys.extend(missing)
         self._computed = None

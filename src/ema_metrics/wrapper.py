@@ -12,12 +12,14 @@ from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_mea
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
-from ema_metrics._inputs import check_update_tensors
+from ema_metrics._inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
+from ema_metrics._nonfinite import any_nonfinite, check_states_finite, report_dropped
 
 __all__ = ["EMAWrapper"]
 
 _F64 = torch.float64
 _PREFIX = "decayed_"
+_DROPPED = "nonfinite_updates"
 _REDUCTION_NAMES: dict[Callable[..., Any], str] = {
     dim_zero_mean: "`mean`",
     dim_zero_max: "`max`",
@@ -87,11 +89,22 @@ class EMAWrapper(DecayedSumMetric):
         span: pandas span, ``alpha = 2 / (span + 1)``, ``span >= 1``.
         com: centre of mass, ``alpha = 1 / (1 + com)``, ``com >= 0``.
         adjust: plain discounted sums (``True``) or pandas ``adjust=False`` seeding (``False``), see above.
+        nan_strategy: what to do with an update whose sums hold a NaN or an inf (from the inputs, or an overflow):
+
+            - ``"warn"`` (default): drop the whole update (its tick still passes, as an empty tick does);
+              ``compute`` warns once for each new batch of dropped updates.
+            - ``"ignore"``: drop it silently.
+            - ``"error"``: drop it, and raise ``RuntimeError`` at ``compute`` (the check cannot run in ``update``
+              without a host sync).
+            - ``"disable"``: no check; a non-finite sum poisons the average for good.
+
+            The wrapped metric's own ``nan_strategy`` (aggregators have one) applies first, to single values.
         kwargs: torchmetrics ``Metric`` arguments of the wrapper (``dist_sync_on_step``, ``process_group``,
             ``dist_sync_fn``, ...).
 
     Raises:
-        TypeError: If ``metric`` is not a torchmetrics ``Metric``, or is already an EMA metric.
+        TypeError: If ``metric`` is not a torchmetrics ``Metric``, or is already an EMA metric, or ``nan_strategy``
+            is not a string.
         ValueError: If a state of ``metric`` cannot be decayed exactly (a list state, a reduction other than
             ``"sum"``, a non-zero default), if ``metric`` holds other metrics or no state, or was already updated;
             or if the parametrisation is invalid.
@@ -146,9 +159,16 @@ class EMAWrapper(DecayedSumMetric):
         span: float | None = None,
         com: float | None = None,
         adjust: bool = True,
+        nan_strategy: str = "warn",
         **kwargs: Any,
     ) -> None:
         _check_decayable(metric)
+        if not isinstance(nan_strategy, str):
+            raise TypeError(
+                f"Expected argument `nan_strategy` to be one of {list(NAN_STRATEGIES)} (EMAWrapper smooths sums, it"
+                f" cannot impute a value), but got {shown(nan_strategy)}"
+            )
+        self.nan_strategy = str(check_nan_strategy(nan_strategy))
         super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
         # The wrapped metric computes in float64 and never syncs or saves its states itself: they are the
         # wrapper's, pushed into it for each update and compute.
@@ -165,6 +185,10 @@ class EMAWrapper(DecayedSumMetric):
             metric._persistent[name] = False
             setattr(metric, name, zero.clone())
             names[name] = _PREFIX + name
+        # updates dropped for a non-finite sum: synced, saved and reset with the states, never decayed
+        self._add_decayed_state(_DROPPED, torch.zeros(()), decay_mask=torch.zeros((), dtype=torch.bool))
+        self._drop_nonfinite = self.nan_strategy != "disable"
+        self._warned_nonfinite = 0
         self.base_metric = metric
         self._names = names
         self._scratch: dict[str, Tensor] | None = None
@@ -199,11 +223,18 @@ class EMAWrapper(DecayedSumMetric):
         for name, buf in scratch.items():
             bd[name] = buf.zero_()
         base.update(*args, **kwargs)
-        # The update succeeded: decay (once per tick), then add this update's sums.
+        # The update succeeded: decay (once per tick), then add this update's sums; unless one of them is not
+        # finite: then the whole update is dropped, on the device (the tick still passes, as for an empty one).
         if self._tick_decay():
             self._scale_decayed_(self.beta)
-        for name, target in d["_names"].items():
-            d[target].add_(bd[name])
+        if d["_drop_nonfinite"]:
+            dropped = any_nonfinite(bd[name] for name in d["_names"])
+            for name, target in d["_names"].items():
+                d[target].add_(bd[name].masked_fill(dropped, 0))
+            d[_DROPPED].add_(dropped)
+        else:
+            for name, target in d["_names"].items():
+                d[target].add_(bd[name])
         self._tick_done()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -234,8 +265,21 @@ class EMAWrapper(DecayedSumMetric):
         return out
 
     def compute(self) -> Any:
-        """The wrapped metric's ``compute`` on the decayed states, synced across ranks when distributed."""
-        return self._base_compute(self._local_states())
+        """The wrapped metric's ``compute`` on the decayed states, synced across ranks when distributed.
+
+        Raises:
+            RuntimeError: If ``nan_strategy="error"`` and an update had non-finite sums.
+            OverflowError: If a decayed state overflowed float64 (not with ``nan_strategy="disable"``).
+
+        """
+        states = self._local_states()
+        if self._drop_nonfinite:
+            dropped = int(getattr(self, _DROPPED))
+            self._warned_nonfinite = report_dropped(
+                type(self).__name__, dropped, self.nan_strategy, self._warned_nonfinite
+            )
+            check_states_finite(type(self).__name__, states)
+        return self._base_compute(states)
 
     # ------------------------------------------------------------------ helpers
     def _local_states(self) -> dict[str, Tensor]:
@@ -266,16 +310,25 @@ class EMAWrapper(DecayedSumMetric):
         return state
 
     def reset(self) -> None:
-        """Reset the decayed states, the tick count and the wrapped metric."""
+        """Reset the decayed states, the tick count, the count of dropped updates and the wrapped metric."""
         super().reset()
         self.base_metric.reset()
+
+    def _reset_counters(self) -> None:
+        self._warned_nonfinite = 0
+
+    def _optional_states(self) -> tuple[str, ...]:
+        return (_DROPPED,)  # state dicts saved before it existed still load
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
         # The decayed sums stay float64 whatever `set_dtype` or `.to(dtype)` asks for, and do not go through `fn`
         # at all (a round trip through a half-precision dtype would round them): they only follow the device.
         excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
         targets = tuple(self.__dict__.get("_names", {}).values())
-        this = super()._apply(fn, (*excluded, *targets))
+        this = super()._apply(fn, (*excluded, *targets, _DROPPED))
+        if isinstance(this, EMAWrapper) and _DROPPED not in excluded:
+            setattr(this, _DROPPED, getattr(this, _DROPPED).to(device=this.device))
+            this._defaults[_DROPPED] = torch.zeros((), dtype=_F64, device=this.device)
         if isinstance(this, EMAWrapper):
             for target in targets:
                 if target not in excluded:
@@ -295,7 +348,7 @@ class EMAWrapper(DecayedSumMetric):
 
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""
-        return f"alpha={self.alpha:.6g}, adjust={self.adjust}"
+        return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
 
 
 def _squeeze_clone(x: Tensor) -> Tensor:
