@@ -322,6 +322,31 @@ class DecayedSumMetric(Metric):
         finally:
             self.end_tick()
 
+    # ------------------------------------------------------------------ plotting
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot one value, or a sequence of values such as the smoothed trajectory that ``forward`` returned.
+
+        Args:
+            val: a result of ``forward`` or ``compute``, or a sequence of them; by default ``compute()``.
+            ax: a matplotlib axis to draw on; by default a new figure.
+
+        Returns:
+            The figure and the axis.
+
+        Raises:
+            ModuleNotFoundError: If matplotlib is not installed.
+
+        Example:
+            >>> from ema_metrics import EMAMetric
+            >>> ema = EMAMetric(alpha=0.3)
+            >>> trajectory = [ema(loss) for loss in (4.0, 2.0, 3.0, 1.0, 1.5)]
+            >>> fig, ax = ema.plot(trajectory)
+            >>> [round(float(v), 4) for v in ax.lines[0].get_ydata()]
+            [4.0, 2.8235, 2.9041, 2.1524, 1.9171]
+
+        """
+        return self._plot(val, ax)
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the per-device caches (they are rebuilt on first use)."""

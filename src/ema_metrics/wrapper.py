@@ -202,6 +202,21 @@ class EMAWrapper(DecayedSumMetric):
         """Whether a higher value is better, as for the wrapped metric."""
         return self.base_metric.higher_is_better
 
+    @property
+    def plot_lower_bound(self) -> float | None:  # type: ignore[override]
+        """The wrapped metric's lower bound for :meth:`plot`."""
+        return self.base_metric.plot_lower_bound
+
+    @property
+    def plot_upper_bound(self) -> float | None:  # type: ignore[override]
+        """The wrapped metric's upper bound for :meth:`plot`."""
+        return self.base_metric.plot_upper_bound
+
+    @property
+    def plot_legend_name(self) -> str | None:  # type: ignore[override]
+        """The wrapped metric's legend name for :meth:`plot`."""
+        return self.base_metric.plot_legend_name
+
     # ------------------------------------------------------------------ update / forward / compute
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Add one tick (or, inside :meth:`tick`, one part of the open tick).
