@@ -24,7 +24,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ema_metrics._inputs import shown
 from ema_metrics._params import resolve_alpha
-from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
+from ema_metrics._state_dict import EXTRA_STATE_KEY, load_checked
 
 __all__ = ["DecayedSumMetric", "sum_ranks", "synced_values", "tick"]
 
@@ -434,33 +434,13 @@ class DecayedSumMetric(Metric):
     ) -> None:
         # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
         state_dict.pop(prefix + _GROUP_TAG, None)
-        names = self._state_names()
-        current = {name: getattr(self, name) for name in names}
-        errors = state_errors(state_dict, prefix, current, names)
-        errors += extra_state_errors(state_dict, prefix, type(self).__name__, self._extra_counters())
-        if errors:  # torch's way: load_state_dict raises one RuntimeError listing them; this metric is unchanged
-            error_msgs.extend(errors)
-            return
-        present = [name for name in names if prefix + name in state_dict]
-        optional = self._optional_states()
-        counted = [name for name in present if name not in optional]
-        if not counted:  # counters without the states they count (an older `persistent(False)` state dict)
-            state_dict.pop(prefix + EXTRA_STATE_KEY, None)
-        # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
-        for key in self._defaults:
-            name = prefix + key
-            if name in state_dict and isinstance(state_dict[name], Tensor):
-                value = getattr(self, key)
-                state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
-        n_missing = len(missing_keys)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
-        missing = [prefix + n for n in names if self._persistent[n] and n not in present and n not in optional]
-        if not counted:  # the states are reported missing, or are not saved at all: not their counters as well
-            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
-        missing_keys.extend(missing)
+
+        def load() -> None:
+            super(DecayedSumMetric, self)._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+
+        load_checked(self, state_dict, prefix, load, missing_keys, error_msgs)
         self._computed = None
 
     # ------------------------------------------------------------------ distributed
