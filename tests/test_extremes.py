@@ -121,6 +121,8 @@ OVERFLOWS = {
     # the sums of one tick: two finite products whose sum overflows, or inf - inf
     "tick-sum": ([[(torch.tensor([1e308, 1e308], dtype=torch.float64), 1.0)]], 0.5, True),
     "tick-sum-grouped": ([[(1e308, 1.0), (1e308, 1.0)]], 0.5, True),
+    "tick-sum-small-weight": ([[(torch.tensor([1.5e308, 1.5e308], dtype=torch.float64), 0.75)]], 0.5, True),
+    "tick-sum-small-weight-grouped": ([[(1.5e308, 0.9), (-1e308, 0.5), (1.5e308, 0.9)]], 0.5, True),
     "tick-inf-minus-inf": ([[(torch.tensor([1e308, -1e308], dtype=torch.float64), 2.0)]], 0.5, True),
     # the decayed state
     "state": ([[(1.5e308, 1.0)], [(1.5e308, 1.0)]], 0.2, True),
@@ -167,7 +169,7 @@ def test_overflow_with_nan_strategy_disable_is_left_to_propagate() -> None:
     assert float(metric.compute()) == math.inf
 
 
-@pytest.mark.parametrize("weight", [2.0, torch.tensor([2.0, 2.0, 2.0])])
+@pytest.mark.parametrize("weight", [2.0, 1.0, 0.5, torch.tensor([2.0, 2.0, 2.0]), torch.tensor(0.5)])
 def test_non_finite_inputs_are_still_dropped_with_their_weight(weight: Any) -> None:
     # next to values near the top of the range that do not overflow
     metric = EMAMetric(alpha=0.5)
@@ -190,6 +192,8 @@ def test_overflow_paths_make_no_host_sync() -> None:
     big = torch.tensor([1e308, math.inf, 1.0], dtype=torch.float64)
     with forbid_host_sync():
         for m in metrics:
+            m(big[1], weight=0.5)
+            m(big, weight=0.5)
             m(big[0], weight=2.0)
             m(big, weight=2.0)
             m(big, weight=torch.tensor(2.0))

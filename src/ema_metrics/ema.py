@@ -28,6 +28,7 @@ class _Coef(NamedTuple):
     c1: Tensor  # [w, 0, 0, 0]
     c0_col: Tensor  # the same, as (4, 1) columns for values with several elements
     c1_col: Tensor
+    may_overflow: bool  # w > 1: a product w*x of a finite x can overflow
 
 
 class _Hot(NamedTuple):
@@ -179,7 +180,7 @@ class EMAMetric(DecayedSumMetric):
         dev = hot.sums.device
         c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
         c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
-        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1))
+        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0)
         if len(hot.coef) < 64:
             hot.coef[w] = coef
         return coef
@@ -200,22 +201,12 @@ class EMAMetric(DecayedSumMetric):
             x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
         if type(weight) is float or type(weight) is int:
             coef = hot.coef.get(weight) or self._coef(hot, weight)
-            # The sums [w*x, w, 1, 0] of each value come from one addcmul: c0 + x * c1. Their third entry,
-            # 1 + 0*x, is 1 for a finite x and NaN otherwise; multiplying by it makes every sum of a non-finite
-            # value NaN, and NaN (only NaN) is then cleaned to 0, so the value is dropped with its weight. A finite
-            # product w*x that overflows stays inf, and compute reports it. (One more small kernel than a plain
-            # cleaning, about 1 us; see benchmarks/bench_update.py.)
             if x.dim() == 0:
                 numel = 1
-                if d["_clean"]:
-                    torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
-                    inc = torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
-                else:
-                    inc = torch.addcmul(coef.c0, x, coef.c1)
+                inc = self._scalar_sums(hot, coef, x) if d["_clean"] else torch.addcmul(coef.c0, x, coef.c1)
             else:
                 numel = x.numel()
-                inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-                inc = torch.nansum(inc * inc[2:3], 1) if d["_clean"] else inc.sum(1)
+                inc = _vector_sums(coef, x, d["_clean"])
             if d["_in_tick"]:
                 in_tick = True
                 decay = hot.decay if self._tick_decay() else hot.keep
@@ -235,13 +226,26 @@ class EMAMetric(DecayedSumMetric):
                 self._close_tick()
         return hot  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _scalar_sums(hot: _Hot, coef: _Coef, x: Tensor) -> Tensor:
+        """The sums [w*x, w, 1, 0] of a 0-d value, zero if it is not finite; an overflowing w*x stays inf.
+
+        They come from one addcmul, ``c0 + x * c1``. A non-finite x makes the last three NaN and the first ±inf (NaN
+        for w = 0): with ``w <= 1`` no finite x can overflow the product, so cleaning every NaN and inf to 0 drops
+        exactly the non-finite values (4 kernels a forward). With ``w > 1`` the product may overflow: multiplying by
+        the third entry, ``1 + 0*x`` (1, or NaN for a non-finite x), makes every sum of a non-finite x NaN, and only
+        NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
+        """
+        if not coef.may_overflow:
+            return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)
+        torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
+        return torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
+
     def _tensor_weight_sums(self, hot: _Hot, x: Tensor, weight: Any) -> tuple[Tensor, Tensor]:
         if isinstance(weight, bool):
             raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
         if isinstance(weight, Real):
-            coef = self._coef(hot, as_float(weight, "weight"))
-            inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-            inc = torch.nansum(inc * inc[2:3], 1) if self._clean else inc.sum(1)
+            inc = _vector_sums(self._coef(hot, as_float(weight, "weight")), x, self._clean)
             return inc, hot.decay if self._tick_decay() else hot.keep
         w = weight.detach() if isinstance(weight, Tensor) else as_tensor(weight, "weight")
         check_tensor(w, "weight")
@@ -385,3 +389,13 @@ class EMAMetric(DecayedSumMetric):
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""
         return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
+
+
+def _vector_sums(coef: _Coef, x: Tensor, clean: bool) -> Tensor:
+    """The sums [w*x, w, 1, 0] of the values of ``x``, summed; as :meth:`EMAMetric._scalar_sums` per column."""
+    cols = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
+    if not clean:
+        return cols.sum(1)
+    if not coef.may_overflow:
+        return torch.nan_to_num_(cols, 0.0, 0.0, 0.0).sum(1)
+    return torch.nansum(cols * cols[2:3], 1)
