@@ -203,7 +203,12 @@ class EMAMetric(DecayedSumMetric):
             coef = hot.coef.get(weight) or self._coef(hot, weight)
             if x.dim() == 0:
                 numel = 1
-                inc = self._scalar_sums(hot, coef, x) if d["_clean"] else torch.addcmul(coef.c0, x, coef.c1)
+                if not d["_clean"]:
+                    inc = torch.addcmul(coef.c0, x, coef.c1)
+                elif coef.may_overflow:
+                    inc = self._scalar_sums(hot, coef, x)
+                else:  # the common case, inlined (see _scalar_sums)
+                    inc = torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)
             else:
                 numel = x.numel()
                 inc = _vector_sums(coef, x, d["_clean"])
@@ -237,7 +242,7 @@ class EMAMetric(DecayedSumMetric):
         NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
         """
         if not coef.may_overflow:
-            return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)
+            return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)  # inlined in _accumulate
         torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
         return torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
 
