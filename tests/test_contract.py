@@ -199,7 +199,7 @@ def test_wrapper_of_another_class_count_is_reported_per_state() -> None:
     before = {name: getattr(target, name).clone() for name in target._state_names()}
     with pytest.raises(RuntimeError) as info:
         target.load_state_dict(_round_trip(saved.state_dict()))
-    for name in target._state_names():
+    for name in target._names.values():  # every per-class count (not the scalar count of dropped updates)
         assert f"size mismatch for {name}: copying a param with shape torch.Size([3])" in str(info.value)
     _assert_unchanged(target, before, 1)
 
@@ -241,3 +241,51 @@ def test_missing_and_unexpected_keys_as_torch_reports_them() -> None:
     result = metric.load_state_dict({}, strict=False)
     assert (result.missing_keys, result.unexpected_keys) == (["sums"], [])
     _assert_unchanged(metric, before, ticks)
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+@pytest.fixture
+def pyplot() -> Any:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    yield plt
+    plt.close("all")
+
+
+def test_plot_one_value_and_the_trajectory(pyplot: Any) -> None:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    values = [4.0, 2.0, 3.0, 1.0, 1.5]
+    metric = EMAMetric(alpha=0.3)
+    trajectory = [metric(v) for v in values]
+    fig, ax = metric.plot(trajectory)
+    assert isinstance(fig, Figure)
+    assert isinstance(ax, Axes)
+    expected = ema_oracle([[(v, 1.0)] for v in values], 0.3)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), expected, rtol=RTOL, atol=ATOL)
+    fig, ax = metric.plot()  # one value: compute()
+    assert isinstance(fig, Figure)
+    assert ax.get_ylabel() == "EMAMetric"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), expected[-1:], rtol=RTOL, atol=ATOL)
+    _, given = pyplot.subplots()
+    _, drawn = metric.plot(trajectory[0], ax=given)
+    assert drawn is given
+
+
+def test_plot_wrapper_uses_the_wrapped_bounds(pyplot: Any) -> None:
+    from torchmetrics.classification import BinaryAccuracy
+
+    wrapper = EMAWrapper(BinaryAccuracy(), alpha=0.5)
+    target = torch.tensor([0, 1, 1, 0])
+    trajectory = [wrapper(target if step < 2 else 1 - target, target) for step in range(4)]
+    _fig, ax = wrapper.plot(trajectory)
+    # decayed correct / decayed total with beta = 0.5 and 4 samples a tick: (0.25 + 0.5) / 1.75, (0.125 + 0.25) / 1.875
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [1.0, 1.0, 3.0 / 7.0, 1.0 / 5.0], rtol=1e-12)
+    assert (wrapper.plot_lower_bound, wrapper.plot_upper_bound) == (0.0, 1.0)
+    assert ax.get_ylim()[0] <= 0.0
+    assert ax.get_ylim()[1] >= 1.0

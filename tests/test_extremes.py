@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchmetrics.aggregation import SumMetric
@@ -87,3 +88,116 @@ def test_smallest_alpha_with_adjust_false_stays_finite(adjust: bool) -> None:
     expected = pd.Series(values).ewm(alpha=2.0**-53, adjust=adjust).mean().to_numpy()
     assert all(math.isfinite(v) for v in got)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------- overflow
+
+
+def _oracle_sums(ticks: list[list[tuple[Any, Any]]], alpha: float, adjust: bool = True) -> tuple[float, float]:
+    """The two decayed sums of a float64 loop over the finite observations (overflowing as float64 does)."""
+    beta = 1.0 - alpha
+    num = den = np.float64(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t, tick in enumerate(ticks):
+            num, den = num * beta, den * beta
+            for values, weights in tick:
+                x, w = np.broadcast_arrays(np.asarray(values, np.float64), np.asarray(weights, np.float64))
+                for xi, wi in zip(x.ravel(), w.ravel(), strict=True):
+                    if np.isfinite(xi):
+                        num, den = num + wi * xi, den + wi
+            if t == 0 and not adjust:
+                num, den = num / alpha, den / alpha
+    return float(num), float(den)
+
+
+OVERFLOWS = {
+    # a single product w * x past the float64 range (it used to be cleaned to 0 while its weight was kept)
+    "product": ([[(1e308, 2.0)]], 0.5, True),
+    "product-tensor-value": ([[(torch.tensor(1e308, dtype=torch.float64), 2.0)]], 0.5, True),
+    "product-tensor-weight": ([[(1e308, torch.tensor(2.0))]], 0.5, True),
+    "product-in-vector": ([[(torch.tensor([1.0, -1e308, 3.0], dtype=torch.float64), 4.0)]], 0.5, True),
+    "product-after-data": ([[(1.0, 1.0)], [(2.0, 1.0)], [(1e308, 2.0)], [(1.0, 1.0)]], 0.5, True),
+    "product-next-to-inf": ([[(torch.tensor([math.inf, 1e308], dtype=torch.float64), 2.0)]], 0.5, True),
+    # the sums of one tick: two finite products whose sum overflows, or inf - inf
+    "tick-sum": ([[(torch.tensor([1e308, 1e308], dtype=torch.float64), 1.0)]], 0.5, True),
+    "tick-sum-grouped": ([[(1e308, 1.0), (1e308, 1.0)]], 0.5, True),
+    "tick-sum-small-weight": ([[(torch.tensor([1.5e308, 1.5e308], dtype=torch.float64), 0.75)]], 0.5, True),
+    "tick-sum-small-weight-grouped": ([[(1.5e308, 0.9), (-1e308, 0.5), (1.5e308, 0.9)]], 0.5, True),
+    "tick-inf-minus-inf": ([[(torch.tensor([1e308, -1e308], dtype=torch.float64), 2.0)]], 0.5, True),
+    # the decayed state
+    "state": ([[(1.5e308, 1.0)], [(1.5e308, 1.0)]], 0.2, True),
+    "adjust-false-seeding": ([[(1e306, 1.0)]], 1e-3, False),
+    "weight-sum": ([[(1.0, 1.5e308)], [(1.0, 1.5e308)]], 0.2, True),
+}
+
+
+def _feed(metric: EMAMetric, ticks: list[list[tuple[Any, Any]]], via: str) -> list[float]:
+    out = []
+    for tick in ticks:
+        with metric.tick():
+            for value, weight in tick:
+                if via == "forward":
+                    out.append(float(metric(value, weight=weight)))
+                else:
+                    metric.update(value, weight=weight)
+    return out
+
+
+@pytest.mark.parametrize("via", ["update", "forward"])
+@pytest.mark.parametrize("nan_strategy", ["warn", "ignore", "error", 0.0])
+@pytest.mark.parametrize("case", list(OVERFLOWS.values()), ids=list(OVERFLOWS))
+def test_overflow_is_reported_never_a_number(case: Any, nan_strategy: str | float, via: str) -> None:
+    ticks, alpha, adjust = case
+    # the independent float64 loop overflows as well
+    assert not all(math.isfinite(v) for v in _oracle_sums(ticks, alpha, adjust))
+    metric = EMAMetric(alpha=alpha, adjust=adjust, nan_strategy=nan_strategy)
+    outputs = _feed(metric, ticks, via)
+    with pytest.raises(OverflowError, match=r"EMAMetric: the decayed sums overflowed float64"):
+        metric.compute()
+    if via == "forward" and adjust:  # forward returns the raw ratio (no host sync): never a finite number made up
+        # (with adjust=False the overflow comes from the seeding when the first tick closes, after forward)
+        assert not math.isfinite(outputs[-1])
+    # reset recovers
+    metric.reset()
+    metric.update(2.0)
+    assert float(metric.compute()) == 2.0
+
+
+def test_overflow_with_nan_strategy_disable_is_left_to_propagate() -> None:
+    metric = EMAMetric(alpha=0.5, nan_strategy="disable")
+    metric.update(1e308, weight=2.0)
+    assert float(metric.compute()) == math.inf
+
+
+@pytest.mark.parametrize("weight", [2.0, 1.0, 0.5, torch.tensor([2.0, 2.0, 2.0]), torch.tensor(0.5)])
+def test_non_finite_inputs_are_still_dropped_with_their_weight(weight: Any) -> None:
+    # next to values near the top of the range that do not overflow
+    metric = EMAMetric(alpha=0.5)
+    ticks = [
+        [(torch.tensor([math.inf, 4e307, 1.0], dtype=torch.float64), weight)],
+        [(torch.tensor([-math.inf, math.nan, 2e307], dtype=torch.float64), weight)],
+    ]
+    got = _feed(metric, ticks, "forward")
+    num, den = _oracle_sums(ticks, 0.5)
+    assert math.isfinite(num)
+    np.testing.assert_allclose(got[-1], num / den, rtol=RTOL, atol=ATOL)
+    with pytest.warns(UserWarning, match="3 non-finite"):
+        np.testing.assert_allclose(float(metric.compute()), num / den, rtol=RTOL, atol=ATOL)
+
+
+def test_overflow_paths_make_no_host_sync() -> None:
+    from tests.test_ema_behaviour import forbid_host_sync
+
+    metrics = [EMAMetric(alpha=0.5), EMAMetric(alpha=0.5, nan_strategy=1.0), EMAMetric(alpha=0.5, adjust=False)]
+    big = torch.tensor([1e308, math.inf, 1.0], dtype=torch.float64)
+    with forbid_host_sync():
+        for m in metrics:
+            m(big[1], weight=0.5)
+            m(big, weight=0.5)
+            m(big[0], weight=2.0)
+            m(big, weight=2.0)
+            m(big, weight=torch.tensor(2.0))
+            m.update(big[1])
+    for m in metrics:
+        with pytest.raises(OverflowError):
+            m.compute()

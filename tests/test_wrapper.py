@@ -356,6 +356,7 @@ def test_state_dict_round_trip_continues_exactly(kind_name: str) -> None:
     assert {k for k in first.state_dict() if not k.startswith("_")} == {
         "scale",
         *(f"decayed_{name}" for name in kind.make()._defaults),
+        "nonfinite_updates",
     }
     for batches, want in zip(ticks[7:], expected[7:], strict=True):
         a = first(*kind.to_args(batches[0]))

@@ -25,7 +25,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from ema_metrics import _decay, _sync
 from ema_metrics._fast import FastCalls
 from ema_metrics._params import resolve_alpha
-from ema_metrics._state_dict import EXTRA_STATE_KEY, extra_state_errors, state_errors
+from ema_metrics._state_dict import EXTRA_STATE_KEY, load_checked
 
 __all__ = ["DecayedSumMetric"]
 
@@ -284,6 +284,31 @@ class DecayedSumMetric(FastCalls):
         finally:
             self.end_tick()
 
+    # ------------------------------------------------------------------ plotting
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot one value, or a sequence of values such as the smoothed trajectory that ``forward`` returned.
+
+        Args:
+            val: a result of ``forward`` or ``compute``, or a sequence of them; by default ``compute()``.
+            ax: a matplotlib axis to draw on; by default a new figure.
+
+        Returns:
+            The figure and the axis.
+
+        Raises:
+            ModuleNotFoundError: If matplotlib is not installed.
+
+        Example:
+            >>> from ema_metrics import EMAMetric
+            >>> ema = EMAMetric(alpha=0.3)
+            >>> trajectory = [ema(loss) for loss in (4.0, 2.0, 3.0, 1.0, 1.5)]
+            >>> fig, ax = ema.plot(trajectory)
+            >>> [round(float(v), 4) for v in ax.lines[0].get_ydata()]
+            [4.0, 2.8235, 2.9041, 2.1524, 1.9171]
+
+        """
+        return self._plot(val, ax)
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the per-device caches (they are rebuilt on first use)."""
@@ -373,6 +398,10 @@ class DecayedSumMetric(FastCalls):
             {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
         )
 
+    def _optional_states(self) -> tuple[str, ...]:
+        """States that a state dict may lack (added in a later version); they keep their value (hook)."""
+        return ()
+
     def _saves_states(self) -> bool:
         """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
         return any(self._persistent[name] for name in self._state_names())
@@ -395,31 +424,13 @@ class DecayedSumMetric(FastCalls):
     ) -> None:
         # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
         state_dict.pop(prefix + _GROUP_TAG, None)
-        names = self._state_names()
-        current = {name: getattr(self, name) for name in names}
-        errors = state_errors(state_dict, prefix, current, names)
-        errors += extra_state_errors(state_dict, prefix, type(self).__name__, self._extra_counters())
-        if errors:  # torch's way: load_state_dict raises one RuntimeError listing them; this metric is unchanged
-            error_msgs.extend(errors)
-            return
-        present = [name for name in names if prefix + name in state_dict]
-        if not present:  # counters without the states they count (an older `persistent(False)` state dict)
-            state_dict.pop(prefix + EXTRA_STATE_KEY, None)
-        # A checkpoint is usually loaded on the CPU: keep each state on this metric's device and dtype.
-        for key in self._defaults:
-            name = prefix + key
-            if name in state_dict and isinstance(state_dict[name], Tensor):
-                value = getattr(self, key)
-                state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
-        n_missing = len(missing_keys)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
-        missing = [prefix + name for name in names if self._persistent[name] and name not in present]
-        if not present:  # the states are reported missing, or are not saved at all: not the counters as well
-            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
-        missing_keys.extend(missing)
+
+        def load() -> None:
+            super(DecayedSumMetric, self)._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+
+        load_checked(self, state_dict, prefix, load, missing_keys, error_msgs)
         self._computed = None
 
     # ------------------------------------------------------------------ sync (see ema_metrics._sync)

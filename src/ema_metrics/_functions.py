@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
+from ema_metrics._inputs import shown
 
 __all__ = ["RankValues", "find_ema_metrics", "sum_ranks", "synced_values", "synced_values_by_rank", "tick"]
 
@@ -49,7 +50,7 @@ def synced_values(metrics: Sequence[DecayedSumMetric], process_group: Any | None
         The pooled value of each metric, in order.
 
     Raises:
-        TypeError: If ``metrics`` holds something that is not an EMA metric.
+        TypeError: If ``metrics`` is not a list or tuple of EMA metrics.
 
     Example:
         >>> import torch
@@ -120,11 +121,7 @@ def synced_values_by_rank(metrics: Sequence[DecayedSumMetric], process_group: An
 
 
 def _pool_values(metrics: Sequence[DecayedSumMetric], process_group: Any, with_ranks: bool) -> list[Any]:
-    if isinstance(metrics, DecayedSumMetric) or not isinstance(metrics, Sequence):
-        raise TypeError(f"Expected argument `metrics` to be a sequence of EMA metrics, but got {metrics!r}")
-    bad = [m for m in metrics if not isinstance(m, DecayedSumMetric)]
-    if bad:
-        raise TypeError(f"Expected argument `metrics` to hold EMA metrics only, but got {bad!r}")
+    _check_metric_sequence(metrics)
     groups: dict[int, tuple[Any, list[int]]] = {}
     for i, m in enumerate(metrics):
         group = process_group if process_group is not None else m.process_group
@@ -176,9 +173,12 @@ def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedS
 
     """
     found = find_ema_metrics(*metrics)
-    already = [type(m).__name__ for m in found if m.in_tick]
-    if already:
-        raise RuntimeError(f"tick(): {already} already have an open tick; no tick was opened")
+    already = [m for m in found if m.in_tick]
+    if already:  # all or nothing: no metric is opened (or later closed) when one cannot be
+        raise RuntimeError(
+            f"tick() was given {len(already)} metric(s) whose tick is already open"
+            f" ({', '.join(type(m).__name__ for m in already)}); no tick was opened. Close it with end_tick() first."
+        )
     for m in found:
         m.begin_tick()
     try:
@@ -215,15 +215,30 @@ def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedS
             candidates: list[Any] = [obj]
         elif isinstance(obj, Metric):
             raise TypeError(
-                f"Expected EMA metrics or modules holding them, but got {type(obj).__name__}, a torchmetrics metric"
-                " that is not an exponential moving average (wrap it in EMAWrapper)"
+                f"Expected EMA metrics or torch.nn.Module objects, but got {type(obj).__name__}, a torchmetrics"
+                " metric that is not an exponential moving average (it would not tick); smooth it with"
+                f" EMAWrapper({type(obj).__name__}(...))"
             )
         elif isinstance(obj, torch.nn.Module):
             candidates = list(obj.modules())
         else:
-            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {obj!r}")
+            raise TypeError(f"Expected EMA metrics or torch.nn.Module objects, but got {shown(obj)}")
         for m in candidates:
             if isinstance(m, DecayedSumMetric) and id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
     return out
+
+
+def _check_metric_sequence(metrics: Any) -> None:
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(
+            f"Expected argument `metrics` to be a list or tuple of EMA metrics, but got {shown(metrics)} of type"
+            f" {type(metrics).__name__}"
+        )
+    for i, m in enumerate(metrics):
+        if not isinstance(m, DecayedSumMetric):
+            raise TypeError(
+                f"Expected argument `metrics` to hold EMA metrics, but item {i} is {shown(m)} of type"
+                f" {type(m).__name__}"
+            )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+from ema_metrics._inputs import shown
+
 __all__ = ["resolve_alpha"]
 
 #: The smallest usable smoothing factor: below ``2**-53`` the decay ``1 - alpha`` rounds to 1 (or to ``1 - 2**-53``,
@@ -23,9 +25,12 @@ def _check_number(name: str, value: object) -> float:
         raise TypeError(
             f"Expected argument `{name}` to be a real number, but got {value!r} of type {type(value).__name__}"
         )
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond the float64 range
+        out = math.inf
     if not math.isfinite(out):
-        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {value!r}")
+        raise ValueError(f"Expected argument `{name}` to be a finite number, but got {shown(value)}")
     return out
 
 

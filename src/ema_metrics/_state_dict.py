@@ -7,14 +7,14 @@ The metric's states are only touched when every check passed, so a refused state
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral
 from typing import Any
 
 from torch import Tensor
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
-__all__ = ["EXTRA_STATE_KEY", "extra_state_errors", "state_errors"]
+__all__ = ["EXTRA_STATE_KEY", "extra_state_errors", "load_checked", "state_errors"]
 
 #: The key, below the metric's prefix, of what ``get_extra_state`` saves (torch's name).
 EXTRA_STATE_KEY = _EXTRA_STATE_KEY_SUFFIX
@@ -86,3 +86,53 @@ def extra_state_errors(state_dict: Mapping[str, Any], prefix: str, cls: str, cou
                 f"While loading {key!r} of {cls}: expected `{name}` to be a non-negative integer, but got {value!r}"
             )
     return errors
+
+
+def load_checked(
+    metric: Any,
+    state_dict: dict[str, Any],
+    prefix: str,
+    load: Callable[[], None],
+    missing_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Check the metric's entries of ``state_dict``, then ``load`` them (torchmetrics' and torch's loading).
+
+    Refused entries are reported in ``error_msgs`` and nothing is loaded. Missing states are reported in
+    ``missing_keys`` (torchmetrics does not), except the metric's optional ones; the tick count and counters are
+    neither loaded nor reported missing without the states they count (a ``persistent(False)`` metric saves none).
+
+    Args:
+        metric: the ``DecayedSumMetric`` being loaded.
+        state_dict: the state dict (its entries for this metric are converted to the states' device and dtype).
+        prefix: the metric's prefix in it.
+        load: runs the base classes' ``_load_from_state_dict``.
+        missing_keys: torch's list of missing keys.
+        error_msgs: torch's list of error messages.
+
+    """
+    names = metric._state_names()
+    current = {name: getattr(metric, name) for name in names}
+    errors = state_errors(state_dict, prefix, current, names)
+    errors += extra_state_errors(state_dict, prefix, type(metric).__name__, metric._extra_counters())
+    if errors:  # torch's way: load_state_dict raises one RuntimeError listing them; the metric is unchanged
+        error_msgs.extend(errors)
+        return
+    present = [name for name in names if prefix + name in state_dict]
+    optional = metric._optional_states()
+    counted = [name for name in present if name not in optional]
+    if not counted:  # counters without the states they count (an older `persistent(False)` state dict)
+        state_dict.pop(prefix + EXTRA_STATE_KEY, None)
+    # A checkpoint is usually loaded on the CPU: keep each state on the metric's device and dtype.
+    for key in metric._defaults:
+        name = prefix + key
+        if name in state_dict and isinstance(state_dict[name], Tensor):
+            value = getattr(metric, key)
+            state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
+    n_missing = len(missing_keys)
+    load()
+    # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
+    missing = [prefix + n for n in names if metric._persistent[n] and n not in present and n not in optional]
+    if not counted:  # the states are reported missing, or are not saved at all: not their counters as well
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
+    missing_keys.extend(missing)

@@ -12,24 +12,13 @@ from torch import Tensor
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
+from ema_metrics._inputs import VALUE_DTYPES, as_float, as_tensor, check_nan_strategy, check_overflow, check_tensor
 
 __all__ = ["EMAMetric"]
 
-_NAN_STRATEGIES = ("error", "warn", "ignore", "disable")
 _F64 = torch.float64
-_REAL_DTYPES = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-    }
-)
+_INF = math.inf
+_STRIDED = torch.strided
 
 
 class _Coef(NamedTuple):
@@ -39,6 +28,7 @@ class _Coef(NamedTuple):
     c1: Tensor  # [w, 0, 0, 0]
     c0_col: Tensor  # the same, as (4, 1) columns for values with several elements
     c1_col: Tensor
+    may_overflow: bool  # w > 1: a product w*x of a finite x can overflow
 
 
 class _Hot(NamedTuple):
@@ -52,6 +42,9 @@ class _Hot(NamedTuple):
     one: Tensor
     zero: Tensor
     reject: Tensor  # [0, 0, 0, 1]: the sums of an update whose tensor weight was invalid
+    inc: Tensor  # scratch for the sums of a 0-d update, [w*x, w, 1 + 0*x, 0*x]
+    finite: Tensor  # view of inc[2]: 1 for a finite x, NaN otherwise
+    buf: Tensor  # scratch: inc * finite, cleaned
     coef: dict[float, _Coef]
 
 
@@ -101,6 +94,10 @@ class EMAMetric(DecayedSumMetric):
               ``update`` without a host sync); the state holds only the finite observations.
             - ``"disable"``: no check; a non-finite value poisons the average.
             - a float: replace each non-finite value by this number (imputation), with its weight.
+
+            A finite value is never dropped: if its product with its weight, the sums of a tick or the decayed sums
+            overflow float64, ``compute`` raises ``OverflowError`` (``forward`` returns the non-finite ratio, as it
+            reads nothing back to check); with ``"disable"`` the overflow propagates like any non-finite value.
         kwargs: torchmetrics ``Metric`` arguments (``dist_sync_on_step``, ``process_group``, ``dist_sync_fn``, ...).
 
     Raises:
@@ -145,7 +142,7 @@ class EMAMetric(DecayedSumMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
-        self.nan_strategy = _check_nan_strategy(nan_strategy)
+        self.nan_strategy = check_nan_strategy(nan_strategy)
         self._clean = self.nan_strategy in ("error", "warn", "ignore")
         self._impute: float | None = None if isinstance(self.nan_strategy, str) else float(self.nan_strategy)
         # [decayed sum of w*x, decayed sum of w, count of finite values, count of rejected updates]
@@ -158,6 +155,7 @@ class EMAMetric(DecayedSumMetric):
     def _build_hot(self) -> _Hot:
         sums = self.sums
         dev = sums.device
+        inc = torch.zeros(4, dtype=_F64, device=dev)
         hot = _Hot(
             sums=sums,
             num=sums[0],
@@ -167,19 +165,22 @@ class EMAMetric(DecayedSumMetric):
             one=torch.ones((), dtype=_F64, device=dev),
             zero=torch.zeros((), dtype=_F64, device=dev),
             reject=torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=_F64, device=dev),
+            inc=inc,
+            finite=inc[2],
+            buf=torch.zeros(4, dtype=_F64, device=dev),
             coef={},
         )
         self.__dict__["_hot"] = hot
         return hot
 
     def _coef(self, hot: _Hot, weight: float) -> _Coef:
-        w = float(weight)
+        w = as_float(weight, "weight")
         if not (w >= 0.0 and math.isfinite(w)):
             raise ValueError(f"Expected argument `weight` to be a finite non-negative number, but got {weight!r}")
         dev = hot.sums.device
         c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
         c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
-        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1))
+        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0)
         if len(hot.coef) < 64:
             hot.coef[w] = coef
         return coef
@@ -192,9 +193,9 @@ class EMAMetric(DecayedSumMetric):
         if type(value) is Tensor:
             x = value.detach() if value.requires_grad else value
         else:
-            x = value.detach() if isinstance(value, Tensor) else _as_tensor(value, "value")
-        if not x.is_floating_point() and x.dtype not in _REAL_DTYPES:
-            raise TypeError(f"Expected argument `value` to be a real-valued tensor, but got dtype {x.dtype}")
+            x = value.detach() if isinstance(value, Tensor) else as_tensor(value, "value")
+        if x.dtype not in VALUE_DTYPES or x.layout is not _STRIDED:
+            check_tensor(x, "value")
         hot: _Hot | None = d["_hot"]
         if hot is None or hot.sums is not d["sums"]:
             hot = self._build_hot()
@@ -203,21 +204,28 @@ class EMAMetric(DecayedSumMetric):
         if type(weight) is float or type(weight) is int:
             coef = hot.coef.get(weight) or self._coef(hot, weight)
             if x.dim() == 0:
-                inc = torch.addcmul(coef.c0, x, coef.c1)
-                if d["_clean"]:
-                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
+                numel = 1
+                if not d["_clean"]:
+                    inc = torch.addcmul(coef.c0, x, coef.c1)
+                elif coef.may_overflow:
+                    inc = self._scalar_sums(hot, coef, x)
+                else:  # the common case, inlined (see _scalar_sums)
+                    inc = torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)
             else:
-                inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-                if d["_clean"]:
-                    torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-                inc = inc.sum(1)
-            in_tick = d["_in_tick"]
-            decay = hot.decay if not in_tick or self._tick_decay() else hot.keep
+                numel = x.numel()
+                inc = _vector_sums(coef, x, d["_clean"])
+            if d["_in_tick"]:
+                in_tick = True
+                decay = hot.decay if self._tick_decay() else hot.keep
+            else:
+                in_tick = False
+                decay = hot.decay
         else:
+            numel = x.numel()
             inc, decay = self._tensor_weight_sums(hot, x, weight)
             in_tick = d["_in_tick"]
         torch.addcmul(inc, hot.sums, decay, out=hot.sums)
-        d["_numel"] += x.numel()
+        d["_numel"] += numel
         if not in_tick:
             if (d["_ticks"] or d["adjust"]) and d["_ticks"] + 1 < d["_renorm_at"]:
                 d["_ticks"] += 1
@@ -225,18 +233,29 @@ class EMAMetric(DecayedSumMetric):
                 self._close_tick()
         return hot  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _scalar_sums(hot: _Hot, coef: _Coef, x: Tensor) -> Tensor:
+        """The sums [w*x, w, 1, 0] of a 0-d value, zero if it is not finite; an overflowing w*x stays inf.
+
+        They come from one addcmul, ``c0 + x * c1``. A non-finite x makes the last three NaN and the first ±inf (NaN
+        for w = 0): with ``w <= 1`` no finite x can overflow the product, so cleaning every NaN and inf to 0 drops
+        exactly the non-finite values (4 kernels a forward). With ``w > 1`` the product may overflow: multiplying by
+        the third entry, ``1 + 0*x`` (1, or NaN for a non-finite x), makes every sum of a non-finite x NaN, and only
+        NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
+        """
+        if not coef.may_overflow:
+            return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)  # inlined in _accumulate
+        torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
+        return torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
+
     def _tensor_weight_sums(self, hot: _Hot, x: Tensor, weight: Any) -> tuple[Tensor, Tensor]:
         if isinstance(weight, bool):
             raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
         if isinstance(weight, Real):
-            coef = self._coef(hot, float(weight))
-            inc = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-            if self._clean:
-                torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-            return inc.sum(1), hot.decay if self._tick_decay() else hot.keep
-        w = weight.detach() if isinstance(weight, Tensor) else _as_tensor(weight, "weight")
-        if w.is_complex() or w.dtype == torch.bool:
-            raise TypeError(f"Expected argument `weight` to be a real-valued tensor, but got dtype {w.dtype}")
+            inc = _vector_sums(self._coef(hot, as_float(weight, "weight")), x, self._clean)
+            return inc, hot.decay if self._tick_decay() else hot.keep
+        w = weight.detach() if isinstance(weight, Tensor) else as_tensor(weight, "weight")
+        check_tensor(w, "weight")
         try:
             shape = torch.broadcast_shapes(w.shape, x.shape)  # type: ignore[no-untyped-call]
         except RuntimeError:
@@ -252,10 +271,9 @@ class EMAMetric(DecayedSumMetric):
         we = w.expand(x.shape).reshape(1, -1).to(_F64)
         finite = torch.addcmul(hot.one, xe, hot.zero)  # 1 where x is finite, NaN elsewhere
         wd = we * finite
-        inc = torch.cat((xe * we, wd, finite, torch.zeros_like(finite)))
-        if self._clean:
-            torch.nan_to_num_(inc, 0.0, 0.0, 0.0)
-        inc = inc.sum(1)
+        # x * (w * finite) is NaN for a non-finite x (dropped) and inf for a finite product that overflows (kept)
+        inc = torch.cat((xe * wd, wd, finite, torch.zeros_like(finite)))
+        inc = torch.nansum(inc, 1) if self._clean else inc.sum(1)
         invalid = torch.logical_or(w < 0, ~torch.isfinite(w)).any()
         # An invalid weight rejects the whole update on the device: the state is left as it was (no decay
         # either), a counter records it, and ``compute`` raises. Reading it here would need a host sync.
@@ -303,6 +321,8 @@ class EMAMetric(DecayedSumMetric):
 
         Raises:
             ValueError: If an update was rejected for a negative or non-finite tensor ``weight``.
+            OverflowError: If a product ``weight * value``, a tick's sums or the decayed sums overflowed float64 (not
+                with ``nan_strategy="disable"``, where a non-finite value poisons the average by design).
             RuntimeError: If ``nan_strategy="error"`` and non-finite values were seen.
 
         """
@@ -313,13 +333,15 @@ class EMAMetric(DecayedSumMetric):
     ) -> Tensor:
         sums = states["sums"]
         if check:
-            finite, rejected = sums[2:].tolist()
+            num, den, finite, rejected = sums.tolist()
             if rejected > 0:
                 raise ValueError(
                     f"{type(self).__name__}: {int(rejected)} update(s) were rejected because argument `weight` held"
                     " a negative or non-finite value; those updates were left out of the state. Reset the metric"
                     " after fixing the weights."
                 )
+            if self.nan_strategy != "disable":  # with "disable" a non-finite value poisons the sums by design
+                check_overflow(type(self).__name__, num, den)
             if self.nan_strategy in ("error", "warn"):
                 # only these strategies count dropped values; with "disable" a NaN value makes the counts NaN too
                 numel = (counters or self._extra_counters())["numel"]
@@ -379,30 +401,11 @@ class EMAMetric(DecayedSumMetric):
         return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
 
 
-def _check_nan_strategy(nan_strategy: Any) -> Union[str, float]:
-    if isinstance(nan_strategy, str):
-        if nan_strategy not in _NAN_STRATEGIES:
-            raise ValueError(
-                f"Expected argument `nan_strategy` to be one of {list(_NAN_STRATEGIES)} or a float, but got"
-                f" {nan_strategy!r}"
-            )
-        return nan_strategy
-    if isinstance(nan_strategy, bool) or not isinstance(nan_strategy, Real):
-        raise TypeError(f"Expected argument `nan_strategy` to be a string or a float, but got {nan_strategy!r}")
-    if not math.isfinite(float(nan_strategy)):
-        raise ValueError(
-            f"Expected argument `nan_strategy` to be a finite float when imputing, but got {nan_strategy!r}"
-        )
-    return float(nan_strategy)
-
-
-def _as_tensor(value: Any, name: str) -> Tensor:
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
-    try:
-        out = torch.as_tensor(value, dtype=_F64 if isinstance(value, Real) else None)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}") from err
-    if not (out.is_floating_point() or out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise TypeError(f"Expected argument `{name}` to be a number or a tensor, but got {value!r}")
-    return out
+def _vector_sums(coef: _Coef, x: Tensor, clean: bool) -> Tensor:
+    """The sums [w*x, w, 1, 0] of the values of ``x``, summed; as :meth:`EMAMetric._scalar_sums` per column."""
+    cols = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
+    if not clean:
+        return cols.sum(1)
+    if not coef.may_overflow:
+        return torch.nan_to_num_(cols, 0.0, 0.0, 0.0).sum(1)
+    return torch.nansum(cols * cols[2:3], 1)

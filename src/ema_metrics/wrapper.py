@@ -13,11 +13,14 @@ from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics import _decay
 from ema_metrics._base import DecayedSumMetric
+from ema_metrics._inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
+from ema_metrics._nonfinite import any_nonfinite, check_states_finite, report_dropped
 
 __all__ = ["EMAWrapper"]
 
 _F64 = torch.float64
 _PREFIX = "decayed_"
+_DROPPED = "nonfinite_updates"
 _REDUCTION_NAMES: dict[Callable[..., Any], str] = {
     dim_zero_mean: "`mean`",
     dim_zero_max: "`max`",
@@ -87,11 +90,22 @@ class EMAWrapper(DecayedSumMetric):
         span: pandas span, ``alpha = 2 / (span + 1)``, ``span >= 1``.
         com: centre of mass, ``alpha = 1 / (1 + com)``, ``com >= 0``.
         adjust: plain discounted sums (``True``) or pandas ``adjust=False`` seeding (``False``), see above.
+        nan_strategy: what to do with an update whose sums hold a NaN or an inf (from the inputs, or an overflow):
+
+            - ``"warn"`` (default): drop the whole update (its tick still passes, as an empty tick does);
+              ``compute`` warns once for each new batch of dropped updates.
+            - ``"ignore"``: drop it silently.
+            - ``"error"``: drop it, and raise ``RuntimeError`` at ``compute`` (the check cannot run in ``update``
+              without a host sync).
+            - ``"disable"``: no check; a non-finite sum poisons the average for good.
+
+            The wrapped metric's own ``nan_strategy`` (aggregators have one) applies first, to single values.
         kwargs: torchmetrics ``Metric`` arguments of the wrapper (``dist_sync_on_step``, ``process_group``,
             ``dist_sync_fn``, ...).
 
     Raises:
-        TypeError: If ``metric`` is not a torchmetrics ``Metric``, or is already an EMA metric.
+        TypeError: If ``metric`` is not a torchmetrics ``Metric``, or is already an EMA metric, or ``nan_strategy``
+            is not a string.
         ValueError: If a state of ``metric`` cannot be decayed exactly (a list state, a reduction other than
             ``"sum"``, a non-zero default), if ``metric`` holds other metrics or no state, or was already updated;
             or if the parametrisation is invalid.
@@ -146,9 +160,16 @@ class EMAWrapper(DecayedSumMetric):
         span: float | None = None,
         com: float | None = None,
         adjust: bool = True,
+        nan_strategy: str = "warn",
         **kwargs: Any,
     ) -> None:
         _check_decayable(metric)
+        if not isinstance(nan_strategy, str):
+            raise TypeError(
+                f"Expected argument `nan_strategy` to be one of {list(NAN_STRATEGIES)} (EMAWrapper smooths sums, it"
+                f" cannot impute a value), but got {shown(nan_strategy)}"
+            )
+        self.nan_strategy = str(check_nan_strategy(nan_strategy))
         super().__init__(alpha, half_life=half_life, span=span, com=com, adjust=adjust, **kwargs)
         # The wrapped metric computes in float64 and never syncs or saves its states itself: they are the
         # wrapper's, pushed into it for each update and compute.
@@ -165,10 +186,15 @@ class EMAWrapper(DecayedSumMetric):
             metric._persistent[name] = False
             setattr(metric, name, zero.clone())
             names[name] = _PREFIX + name
+        # updates dropped for a non-finite sum: synced, saved and reset with the states, never decayed
+        self._add_decayed_state(_DROPPED, torch.zeros(()), decay_mask=torch.zeros((), dtype=torch.bool))
+        self._drop_nonfinite = self.nan_strategy != "disable"
+        self._warned_nonfinite = 0
         self.base_metric = metric
         self._names = names
         self._scratch: dict[str, Tensor] | None = None
         self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
+        self._update_names = list(metric._update_signature.parameters)
         if metric.device != self.device:
             self.to(metric.device)
 
@@ -176,6 +202,21 @@ class EMAWrapper(DecayedSumMetric):
     def higher_is_better(self) -> bool | None:  # type: ignore[override]
         """Whether a higher value is better, as for the wrapped metric."""
         return self.base_metric.higher_is_better
+
+    @property
+    def plot_lower_bound(self) -> float | None:  # type: ignore[override]
+        """The wrapped metric's lower bound for :meth:`plot`."""
+        return self.base_metric.plot_lower_bound
+
+    @property
+    def plot_upper_bound(self) -> float | None:  # type: ignore[override]
+        """The wrapped metric's upper bound for :meth:`plot`."""
+        return self.base_metric.plot_upper_bound
+
+    @property
+    def plot_legend_name(self) -> str | None:  # type: ignore[override]
+        """The wrapped metric's legend name for :meth:`plot`."""
+        return self.base_metric.plot_legend_name
 
     # ------------------------------------------------------------------ update / forward / compute
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -189,6 +230,7 @@ class EMAWrapper(DecayedSumMetric):
 
         """
         d = self.__dict__
+        check_update_tensors(args, kwargs, d.get("_update_names", []))
         if d["_replica"]:
             self._dereplicate()
         scratch = d["_scratch"]
@@ -199,10 +241,18 @@ class EMAWrapper(DecayedSumMetric):
         for name, buf in scratch.items():
             bd[name] = buf.zero_()
         base.update(*args, **kwargs)
-        # The update succeeded: decay (once per tick) and add this update's sums, one fused operation per state.
+        # The update succeeded: decay (once per tick) and add this update's sums, one fused operation per state;
+        # unless one of them is not finite: then the whole update is dropped, on the device (the tick still passes,
+        # as for an empty one), and counted.
         decay = self._tick_decay()
-        for name, target in d["_names"].items():
-            self._decay_add_(target, bd[name], decay)
+        if d["_drop_nonfinite"]:
+            dropped = any_nonfinite(bd[name] for name in d["_names"])
+            for name, target in d["_names"].items():
+                self._decay_add_(target, bd[name].masked_fill(dropped, 0), decay)
+            self._decay_add_(_DROPPED, dropped.to(_F64), decay)
+        else:
+            for name, target in d["_names"].items():
+                self._decay_add_(target, bd[name], decay)
         self._tick_done()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -233,8 +283,21 @@ class EMAWrapper(DecayedSumMetric):
         return out
 
     def compute(self) -> Any:
-        """The wrapped metric's ``compute`` on the decayed states, synced across ranks when distributed."""
-        return self._base_compute(self._local_states())
+        """The wrapped metric's ``compute`` on the decayed states, synced across ranks when distributed.
+
+        Raises:
+            RuntimeError: If ``nan_strategy="error"`` and an update had non-finite sums.
+            OverflowError: If a decayed state overflowed float64 (not with ``nan_strategy="disable"``).
+
+        """
+        states = self._local_states()
+        if self._drop_nonfinite:
+            dropped = int(getattr(self, _DROPPED))
+            self._warned_nonfinite = report_dropped(
+                type(self).__name__, dropped, self.nan_strategy, self._warned_nonfinite
+            )
+            check_states_finite(type(self).__name__, states)
+        return self._base_compute(states)
 
     # ------------------------------------------------------------------ helpers
     def _local_states(self) -> dict[str, Tensor]:
@@ -244,7 +307,9 @@ class EMAWrapper(DecayedSumMetric):
     def _base_compute(self, states: dict[str, Tensor]) -> Any:
         """Run the wrapped metric's own (unwrapped) ``compute`` on ``states``, keyed by the wrapper's state names."""
         if self.beta == 0.0:  # alpha = 1: only the last tick with data counts (see _decay.without_past)
-            states = _decay.without_past({n: states[n] for n in self._state_names()}, self._masks())
+            masks = dict(zip(self._state_names(), self._masks(), strict=True))
+            targets = list(self._names.values())
+            states = _decay.without_past({n: states[n] for n in targets}, [masks[n] for n in targets])
         base = self.base_metric
         bd = base.__dict__
         for name, target in self._names.items():
@@ -269,12 +334,18 @@ class EMAWrapper(DecayedSumMetric):
         return state
 
     def reset(self) -> None:
-        """Reset the decayed states, the tick count and the wrapped metric."""
+        """Reset the decayed states, the tick count, the count of dropped updates and the wrapped metric."""
         super().reset()
         self.base_metric.reset()
 
+    def _reset_counters(self) -> None:
+        self._warned_nonfinite = 0
+
+    def _optional_states(self) -> tuple[str, ...]:
+        return (_DROPPED,)  # state dicts saved before it existed still load
+
     def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        # The decayed sums stay float64 and only follow the device (see the base class).
+        # The decayed sums (and the count of dropped updates) stay float64 and only follow the device (see the base).
         this = super()._apply(fn, exclude_state)
         if isinstance(this, EMAWrapper):
             # The wrapped metric's states are scratch space (their values do not matter); it keeps computing in
@@ -293,7 +364,7 @@ class EMAWrapper(DecayedSumMetric):
 
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""
-        return f"alpha={self.alpha:.6g}, adjust={self.adjust}"
+        return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
 
 
 def _squeeze_clone(x: Tensor) -> Tensor:

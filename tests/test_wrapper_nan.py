@@ -1,0 +1,175 @@
+"""``EMAWrapper(nan_strategy=...)``: an update with non-finite sums is dropped whole and reported by ``compute``.
+
+The reference is a float64 loop over the decayed sums of MSE (sum of squared errors, count) in which a dropped
+update contributes nothing while its tick still passes, exactly like an empty tick.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.regression import MeanSquaredError
+
+from ema_metrics import EMAWrapper, _sync
+from tests.test_ema_behaviour import forbid_host_sync
+
+Tick = list[tuple[list[float], list[float]]]
+F64 = torch.float64
+
+
+def mse_oracle(ticks: list[Tick], alpha: float, adjust: bool = True) -> float:
+    """MSE of the decayed sums of the finite updates; an update with a non-finite number is left out."""
+    beta = 1.0 - alpha
+    sse = n = 0.0
+    for t, tick in enumerate(ticks):
+        sse, n = beta * sse, beta * n
+        for preds, target in tick:
+            sq = [(p - q) ** 2 for p, q in zip(preds, target, strict=True)]
+            if all(math.isfinite(v) for v in sq):
+                sse, n = sse + sum(sq), n + len(sq)
+        if t == 0 and not adjust:
+            sse, n = sse / alpha, n / alpha
+    return sse / n
+
+
+def stream() -> list[Tick]:
+    rng = np.random.default_rng(11)
+    ticks: list[Tick] = []
+    for t in range(12):
+        preds, target = rng.normal(size=3).tolist(), rng.normal(size=3).tolist()
+        if t in (2, 7):
+            preds[1] = math.nan
+        if t == 5:
+            target[0] = math.inf
+        ticks.append([(preds, target)])
+    ticks[9].append(([1.0, math.nan], [0.0, 0.0]))  # a grouped tick: its finite update is kept
+    return ticks
+
+
+def feed(wrapper: EMAWrapper, ticks: list[Tick], via: str = "update") -> None:
+    for tick in ticks:
+        with wrapper.tick():
+            for preds, target in tick:
+                getattr(wrapper, via)(torch.tensor(preds, dtype=F64), torch.tensor(target, dtype=F64))
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+@pytest.mark.parametrize("via", ["update", "forward"])
+def test_warn_drops_updates_and_matches_the_oracle(via: str, adjust: bool) -> None:
+    ticks = stream()
+    wrapper = EMAWrapper(MeanSquaredError(), alpha=0.3, adjust=adjust)
+    feed(wrapper, ticks, via)
+    assert wrapper.ticks == len(ticks)
+    with pytest.warns(UserWarning, match=r"EMAWrapper: 4 update\(s\) gave non-finite sums"):
+        value = float(wrapper.compute())
+    assert value == pytest.approx(mse_oracle(ticks, 0.3, adjust), rel=1e-12)
+    # once per new batch of dropped updates
+    wrapper.update(torch.tensor([0.5]), torch.tensor([0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapper.compute()
+    wrapper.update(torch.tensor([math.nan]), torch.tensor([0.0]))
+    with pytest.warns(UserWarning, match=r"5 update\(s\)"):
+        wrapper.compute()
+
+
+def test_ignore_is_silent_and_error_raises() -> None:
+    ticks = stream()
+    quiet = EMAWrapper(MeanSquaredError(), alpha=0.3, nan_strategy="ignore")
+    feed(quiet, ticks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(quiet.compute()) == pytest.approx(mse_oracle(ticks, 0.3), rel=1e-12)
+    strict = EMAWrapper(MeanSquaredError(), alpha=0.3, nan_strategy="error")
+    feed(strict, ticks)
+    with pytest.raises(RuntimeError, match=r"4 update\(s\) gave non-finite sums.*nan_strategy='error'"):
+        strict.compute()
+    # the states hold the finite updates only
+    assert torch.equal(strict.decayed_sum_squared_error, quiet.decayed_sum_squared_error)
+    strict.reset()
+    feed(strict, ticks[:2])
+    assert float(strict.compute()) == pytest.approx(mse_oracle(ticks[:2], 0.3), rel=1e-12)
+
+
+def test_disable_lets_a_nan_poison_the_average() -> None:
+    wrapper = EMAWrapper(MeanSquaredError(), alpha=0.3, nan_strategy="disable")
+    feed(wrapper, stream()[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(float(wrapper.compute()))
+
+
+def test_dropping_makes_no_host_sync() -> None:
+    ticks = stream()
+    wrapper = EMAWrapper(MeanSquaredError(), alpha=0.3)
+    with forbid_host_sync():
+        for tick in ticks:
+            with wrapper.tick():
+                for preds, target in tick:
+                    wrapper(torch.tensor(preds, dtype=F64), torch.tensor(target, dtype=F64))
+    with pytest.warns(UserWarning, match="4 update"):
+        assert float(wrapper.compute()) == pytest.approx(mse_oracle(ticks, 0.3), rel=1e-12)
+
+
+def test_an_overflowing_tick_is_dropped_and_an_overflowing_state_raises() -> None:
+    total = EMAWrapper(SumMetric(nan_strategy="disable"), alpha=0.5)
+    total.update(torch.tensor([1e308, 1e308], dtype=torch.float64))  # the tick's sum overflows: dropped
+    total.update(torch.tensor([2.0], dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r"1 update\(s\).*overflow"):
+        assert float(total.compute()) == 2.0
+    state = EMAWrapper(SumMetric(nan_strategy="disable"), alpha=0.2)
+    state.update(torch.tensor([1.5e308], dtype=torch.float64))
+    state.update(torch.tensor([1.5e308], dtype=torch.float64))  # 0.8 * 1.5e308 + 1.5e308 overflows
+    with pytest.raises(OverflowError, match=r"EMAWrapper: the decayed state `decayed_sum_value` overflowed"):
+        state.compute()
+
+
+def test_dropped_count_is_synced_and_saved() -> None:
+    ticks = stream()
+    rank0, rank1 = EMAWrapper(MeanSquaredError(), alpha=0.3), EMAWrapper(MeanSquaredError(), alpha=0.3)
+    feed(rank0, ticks)
+    feed(rank1, ticks[:6] + [[([math.nan], [1.0])]] * 6)  # 2 + 6 dropped
+
+    def gather(packed: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        return [packed, _sync.local_vector([rank1]).vector]
+
+    with rank0.sync_context(dist_sync_fn=gather, distributed_available=lambda: True):
+        assert int(rank0.nonfinite_updates) == 4 + 8
+        buffer = io.BytesIO()
+        torch.save(rank0.state_dict(), buffer)
+    buffer.seek(0)
+    pooled = EMAWrapper(MeanSquaredError(), alpha=0.3, nan_strategy="error")
+    pooled.load_state_dict(torch.load(buffer, weights_only=True))
+    with pytest.raises(RuntimeError, match=r"12 update\(s\)"):
+        pooled.compute()
+
+
+def test_state_dict_without_the_count_still_loads() -> None:
+    saved = EMAWrapper(MeanSquaredError(), alpha=0.3)
+    feed(saved, stream()[:2])
+    state = saved.state_dict()
+    del state["nonfinite_updates"]  # as saved before the count existed
+    fresh = EMAWrapper(MeanSquaredError(), alpha=0.3)
+    fresh.load_state_dict(state)  # strict
+    assert int(fresh.nonfinite_updates) == 0
+    assert float(fresh.compute()) == pytest.approx(mse_oracle(stream()[:2], 0.3), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("nan_strategy", "exc", "pattern"),
+    [
+        (0.0, TypeError, r"`nan_strategy`.*cannot impute.*0\.0"),
+        (None, TypeError, r"`nan_strategy`.*None"),
+        ("drop", ValueError, r"`nan_strategy`.*'drop'"),
+    ],
+)
+def test_nan_strategy_argument(nan_strategy: Any, exc: type[Exception], pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        EMAWrapper(MeanSquaredError(), alpha=0.5, nan_strategy=nan_strategy)
