@@ -642,6 +642,10 @@ def tick(*metrics: DecayedSumMetric | torch.nn.Module) -> Iterator[list[DecayedS
 def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedSumMetric]:
     """Every EMA metric in ``objs``: metrics themselves, or found inside modules (nested included), deduplicated.
 
+    Raises:
+        TypeError: If an object is neither an EMA metric nor a module, or is a torchmetrics metric that is not an EMA
+            (it would not tick; wrap it in :class:`~ema_metrics.EMAWrapper`).
+
     Example:
         >>> import torch
         >>> from ema_metrics import EMAMetric, find_ema_metrics
