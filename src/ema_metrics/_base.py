@@ -108,6 +108,7 @@ class DecayedSumMetric(Metric):
         self._in_tick = False
         self._tick_decayed = False
         self._decay_masks: dict[str, Tensor] = {}
+        self._never_decayed: set[str] = set()
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._add_group_tag()
 
@@ -188,6 +189,8 @@ class DecayedSumMetric(Metric):
         self.add_state(name, default.to(_STATE_DTYPE), dist_reduce_fx=sum_ranks, persistent=True)
         mask = torch.ones_like(default, dtype=torch.bool) if decay_mask is None else decay_mask.to(torch.bool)
         self._decay_masks[name] = mask
+        if not bool(mask.any()):  # a counter: synced, saved and packed with the states, but never scaled
+            self._never_decayed.add(name)
 
     def _factor(self, name: str, factor: float) -> Tensor:
         """Per-entry multiplier: ``factor`` on decayed entries, 1 elsewhere (cached per device)."""
@@ -204,7 +207,8 @@ class DecayedSumMetric(Metric):
 
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
-            getattr(self, name).mul_(self._factor(name, factor))
+            if name not in self._never_decayed:
+                getattr(self, name).mul_(self._factor(name, factor))
 
     # ------------------------------------------------------------------ compute groups
     def _add_group_tag(self) -> None:

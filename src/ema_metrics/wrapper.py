@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -235,17 +236,28 @@ class EMAWrapper(DecayedSumMetric):
             scratch = self._build_scratch()
         base = d["_modules"]["base_metric"]
         bd = base.__dict__
-        for name, buf in scratch.items():
-            bd[name] = buf.zero_()
+        flat = d["_flat"]
+        flat.zero_()
+        bd.update(scratch)
         base.update(*args, **kwargs)
         # The update succeeded: decay (once per tick), then add this update's sums; unless one of them is not
         # finite: then the whole update is dropped, on the device (the tick still passes, as for an empty one).
         if self._tick_decay():
             self._scale_decayed_(self.beta)
         if d["_drop_nonfinite"]:
-            dropped = any_nonfinite(bd[name] for name in d["_names"])
-            for name, target in d["_names"].items():
-                d[target].add_(bd[name].masked_fill(dropped, 0))
+            # Sums the wrapped update put in new tensors go back into the flat buffer, to be checked at once.
+            replaced = [(bd[name], buf) for name, buf in scratch.items() if bd[name] is not buf]
+            if all(new.shape == buf.shape for new, buf in replaced):
+                for new, buf in replaced:
+                    buf.copy_(new)
+                dropped = torch.isfinite(flat).all().logical_not_()
+                flat.masked_fill_(dropped, 0)
+                for name, target in d["_names"].items():
+                    d[target].add_(scratch[name])
+            else:  # a state of another shape: checked one by one
+                dropped = any_nonfinite(bd[name] for name in d["_names"])
+                for name, target in d["_names"].items():
+                    d[target].add_(bd[name].masked_fill(dropped, 0))
             d[_DROPPED].add_(dropped)
         else:
             for name, target in d["_names"].items():
@@ -314,8 +326,14 @@ class EMAWrapper(DecayedSumMetric):
         return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
 
     def _build_scratch(self) -> dict[str, Tensor]:
-        scratch = {name: torch.zeros_like(getattr(self, target)) for name, target in self._names.items()}
+        """Zeroed float64 states for the wrapped update: views of one flat buffer, zeroed and checked at once."""
+        shapes = {name: getattr(self, target).shape for name, target in self._names.items()}
+        sizes = [math.prod(shape) for shape in shapes.values()]
+        flat = torch.zeros(sum(sizes), dtype=_F64, device=self.device)
+        views = flat.split(sizes)  # type: ignore[no-untyped-call]
+        scratch = {name: view.view(shape) for (name, shape), view in zip(shapes.items(), views, strict=True)}
         self.__dict__["_scratch"] = scratch
+        self.__dict__["_flat"] = flat
         return scratch
 
     def __getstate__(self) -> dict[str, Any]:
