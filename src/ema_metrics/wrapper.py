@@ -193,6 +193,7 @@ class EMAWrapper(DecayedSumMetric):
         self.base_metric = metric
         self._names = names
         self._scratch: dict[str, Tensor] | None = None
+        self._flat: Tensor | None = None  # the scratch states, flat (built with them)
         self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
         self._update_names = list(metric._update_signature.parameters)
         if metric.device != self.device:
@@ -340,6 +341,7 @@ class EMAWrapper(DecayedSumMetric):
         """Pickle without the scratch states: ``torch.multiprocessing`` would share them between processes."""
         state = super().__getstate__()
         state["_scratch"] = None
+        state["_flat"] = None
         return state
 
     def reset(self) -> None:
