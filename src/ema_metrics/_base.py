@@ -85,6 +85,7 @@ class DecayedSumMetric(FastCalls):
         # on rank 0 only (see `_dereplicate`).
         self._replica = False
         self._decay_masks: dict[str, Tensor] = {}
+        self._never_decayed: set[str] = set()
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._renorm_every = _decay.renorm_interval(self.beta)
         self._decay = _decay.factor(self.beta)  # what the stored states decay by (see _decay.factor)
@@ -115,6 +116,8 @@ class DecayedSumMetric(FastCalls):
         self.add_state(name, default.to(_STATE_DTYPE), dist_reduce_fx="sum", persistent=True)
         mask = torch.ones_like(default, dtype=torch.bool) if decay_mask is None else decay_mask.to(torch.bool)
         self._decay_masks[name] = mask
+        if not bool(mask.any()):  # a counter: synced, saved and packed with the states, but never scaled
+            self._never_decayed.add(name)
 
     def _factor(self, name: str, factor: float) -> Tensor:
         """Per-entry multiplier: ``factor`` on decayed entries, 1 elsewhere (cached per device)."""
@@ -135,7 +138,8 @@ class DecayedSumMetric(FastCalls):
 
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
-            _decay.decay_(getattr(self, name), self._factor(name, factor))
+            if name not in self._never_decayed:  # a counter: never scaled
+                _decay.decay_(getattr(self, name), self._factor(name, factor))
 
     def _decay_add_(self, name: str, increment: Tensor, decay: bool) -> None:
         """Decay state ``name`` (if ``decay``) and add ``increment`` to it, in one fused operation."""

@@ -192,8 +192,8 @@ def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedS
     """Every EMA metric in ``objs``: metrics themselves, or found inside modules (nested included), deduplicated.
 
     Raises:
-        TypeError: If an argument is neither an EMA metric nor a ``torch.nn.Module`` (a torchmetrics metric that
-            is not an EMA, for example).
+        TypeError: If an object is neither an EMA metric nor a module, or is a torchmetrics metric that is not an EMA
+            (it would not tick; wrap it in :class:`~ema_metrics.EMAWrapper`).
 
     Example:
         >>> import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -193,6 +194,7 @@ class EMAWrapper(DecayedSumMetric):
         self.base_metric = metric
         self._names = names
         self._scratch: dict[str, Tensor] | None = None
+        self._flat: Tensor | None = None  # the scratch states, flat (built with them)
         self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
         self._update_names = list(metric._update_signature.parameters)
         if metric.device != self.device:
@@ -238,17 +240,28 @@ class EMAWrapper(DecayedSumMetric):
             scratch = self._build_scratch()
         base = d["_modules"]["base_metric"]
         bd = base.__dict__
-        for name, buf in scratch.items():
-            bd[name] = buf.zero_()
+        flat = d["_flat"]
+        flat.zero_()
+        bd.update(scratch)
         base.update(*args, **kwargs)
         # The update succeeded: decay (once per tick) and add this update's sums, one fused operation per state;
         # unless one of them is not finite: then the whole update is dropped, on the device (the tick still passes,
         # as for an empty one), and counted.
         decay = self._tick_decay()
         if d["_drop_nonfinite"]:
-            dropped = any_nonfinite(bd[name] for name in d["_names"])
+            # Sums the wrapped update put in new tensors go back into the flat buffer, to be checked at once.
+            replaced = [(bd[name], buf) for name, buf in scratch.items() if bd[name] is not buf]
+            if all(new.shape == buf.shape for new, buf in replaced):
+                for new, buf in replaced:
+                    buf.copy_(new)
+                dropped = torch.isfinite(flat).all().logical_not_()
+                flat.masked_fill_(dropped, 0)
+                sums = {name: scratch[name] for name in d["_names"]}
+            else:  # a state of another shape: checked one by one
+                dropped = any_nonfinite(bd[name] for name in d["_names"])
+                sums = {name: bd[name].masked_fill(dropped, 0) for name in d["_names"]}
             for name, target in d["_names"].items():
-                self._decay_add_(target, bd[name].masked_fill(dropped, 0), decay)
+                self._decay_add_(target, sums[name], decay)
             self._decay_add_(_DROPPED, dropped.to(_F64), decay)
         else:
             for name, target in d["_names"].items():
@@ -323,14 +336,21 @@ class EMAWrapper(DecayedSumMetric):
         return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
 
     def _build_scratch(self) -> dict[str, Tensor]:
-        scratch = {name: torch.zeros_like(getattr(self, target)) for name, target in self._names.items()}
+        """Zeroed float64 states for the wrapped update: views of one flat buffer, zeroed and checked at once."""
+        shapes = {name: getattr(self, target).shape for name, target in self._names.items()}
+        sizes = [math.prod(shape) for shape in shapes.values()]
+        flat = torch.zeros(sum(sizes), dtype=_F64, device=self.device)
+        views = flat.split(sizes)  # type: ignore[no-untyped-call]
+        scratch = {name: view.view(shape) for (name, shape), view in zip(shapes.items(), views, strict=True)}
         self.__dict__["_scratch"] = scratch
+        self.__dict__["_flat"] = flat
         return scratch
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the scratch states: ``torch.multiprocessing`` would share them between processes."""
         state = super().__getstate__()
         state["_scratch"] = None
+        state["_flat"] = None
         return state
 
     def reset(self) -> None:
