@@ -25,7 +25,8 @@ $(FLOOR_STAMP): pyproject.toml Makefile tests/supported_versions.py | $(STAMP)
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_BIN)/python -m pip install --quiet --upgrade pip
 	$(FLOOR_BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(FLOOR_BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" $$($(BIN)/python tests/supported_versions.py pins)
+	pins="$$($(BIN)/python tests/supported_versions.py pins)" && \
+	  $(FLOOR_BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" $$pins
 	touch $(FLOOR_STAMP)
 
 demo: $(STAMP)
