@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
 # TORCH_SPEC is installed first, so that no multi-GB CUDA build is pulled in by a plain `torch` requirement.
+# --no-compile: Python compiles what the suite imports anyway; compiling everything at install time costs CI time.
 # `make test` also creates .venv-floor, where torchmetrics, lightning and pytorch-lightning are pinned to the floors
 # declared in pyproject.toml (`python tests/supported_versions.py pins`), and runs the suite there too.
 PYTHON ?= python3
@@ -16,17 +17,17 @@ EXTRAS := lightning,pytorch-lightning,test,demo
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 $(FLOOR_STAMP): pyproject.toml Makefile tests/supported_versions.py | $(STAMP)
 	$(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_BIN)/python -m pip install --quiet --upgrade pip
-	$(FLOOR_BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(FLOOR_BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(FLOOR_BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
 	pins="$$($(BIN)/python tests/supported_versions.py pins)" && \
-	  $(FLOOR_BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" $$pins
+	  $(FLOOR_BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]" $$pins
 	touch $(FLOOR_STAMP)
 
 demo: $(STAMP)
