@@ -1,19 +1,34 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
 # TORCH_SPEC is installed first, so that no multi-GB CUDA build is pulled in by a plain `torch` requirement.
+# --no-compile: Python compiles what the suite imports anyway; compiling everything at install time costs CI time.
+# `make test` also creates .venv-floor, where torchmetrics, lightning and pytorch-lightning are pinned to the floors
+# declared in pyproject.toml (`python tests/supported_versions.py pins`), and runs the suite there too.
 PYTHON ?= python3
 VENV ?= .venv
+FLOOR_VENV ?= .venv-floor
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+FLOOR_BIN := $(FLOOR_VENV)/bin
 STAMP := $(VENV)/.installed
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+EXTRAS := lightning,pytorch-lightning,test,demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-newest test-floor lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[lightning,test,demo]"
+	$(BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+$(FLOOR_STAMP): pyproject.toml Makefile tests/supported_versions.py | $(STAMP)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_BIN)/python -m pip install --quiet --no-compile --upgrade pip
+	$(FLOOR_BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	pins="$$($(BIN)/python tests/supported_versions.py pins)" && \
+	  $(FLOOR_BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]" $$pins
+	touch $(FLOOR_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/lightning_demo.py
@@ -22,11 +37,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks notebooks
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest
+test: lint test-newest test-floor
+
+test-newest: $(STAMP)
+	EMA_METRICS_TESTED_ENV=newest $(BIN)/python -m pytest -rs
+
+# The packaging check builds the wheel and installs it, with the newest releases, into a venv of its own: it does not
+# depend on the floor pins, so it runs once, in .venv.
+test-floor: $(FLOOR_STAMP)
+	EMA_METRICS_TESTED_ENV=floor $(FLOOR_BIN)/python -m pytest -rs --ignore=tests/test_packaging.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_update.py
 
 clean:
-	rm -rf $(VENV) dist build
+	rm -rf $(VENV) $(FLOOR_VENV) dist build

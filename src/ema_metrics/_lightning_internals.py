@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 #: Lightning releases the callback is tested with (both ``lightning`` and ``pytorch_lightning``).
-TESTED_RANGE = "2.1 to 2.6"
+TESTED_RANGE = "2.4 to 2.6"
 
 
 def check(trainer: Any, pl: ModuleType) -> None:

@@ -75,10 +75,10 @@ class EMAWrapper(DecayedSumMetric):
     returned, so an update that raises (for example on badly shaped input) leaves the state as it was.
 
     The wrapper reads no tensor back to the host in ``update`` and ``forward``; the wrapped metric's ``update`` may.
-    Pass ``validate_args=False`` to classification metrics, and ``nan_strategy="disable"`` to ``SumMetric`` and to an
-    unweighted ``MeanMetric``, to make their updates free of host syncs too. (torchmetrics 1.9 ignores
-    ``MeanMetric``'s ``weight`` with ``nan_strategy="disable"``; for a weighted mean without host syncs use
-    :class:`~ema_metrics.EMAMetric`, which gives the same value.)
+    Pass ``validate_args=False`` to classification metrics, and ``nan_strategy="disable"`` (torchmetrics 1.7 and
+    later) to ``SumMetric`` and to an unweighted ``MeanMetric``, to make their updates free of host syncs too.
+    (torchmetrics 1.9 ignores ``MeanMetric``'s ``weight`` with ``nan_strategy="disable"``; for a weighted mean without
+    host syncs use :class:`~ema_metrics.EMAMetric`, which gives the same value.)
 
     Only metrics whose every state is a tensor reduced with ``"sum"`` across ranks and starting from zero can be
     decayed exactly; any other metric is rejected at construction.
