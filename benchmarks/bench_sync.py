@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ema_metrics import EMAWrapper, _sync, synced_values
+from ema_metrics import EMAWrapper, _sync
 
 PATHS = ("gather", "reduce", "bare", "default")
 
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, classes: int, path: str, repeats: 
         if path == "bare":
             dist.all_reduce(flat)
         else:
-            synced_values([metric])
+            _sync.pool([metric])  # the sync itself: pooled states (the value is then one compute on them)
 
     dist.barrier()
     before = _rss_bytes()
@@ -95,9 +95,12 @@ def run_case(world: int, classes: int, path: str, repeats: int) -> dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--large", action="store_true", help="only S from 1e4 on")
     args = parser.parse_args(argv)
     worlds = (2,) if args.quick else (2, 4)
     classes = (2, 8, 32, 100, 316, 1000) if not args.quick else (2, 32, 316)
+    if args.large:
+        classes = tuple(c for c in classes if c >= 100)
     repeats = 5 if args.quick else 15
     print(
         f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold _sync.INLINE = {_sync.INLINE}"

@@ -56,7 +56,7 @@ def test_alpha_too_small_for_float64_is_refused(kwargs: dict[str, Any], name: st
     with pytest.raises(ValueError, match=rf"`{name}`.*2\*\*-53.*{re.escape(shown)}"):
         EMAMetric(**kwargs)
     with pytest.raises(ValueError, match=rf"`{name}`.*{re.escape(shown)}"):
-        EMAWrapper(SumMetric(nan_strategy="disable"), **kwargs)
+        EMAWrapper(SumMetric(), **kwargs)
 
 
 @pytest.mark.parametrize(("name", "largest"), [("half_life", 6.2e15), ("span", 1.8e16), ("com", 9.0e15)])

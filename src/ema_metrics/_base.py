@@ -132,9 +132,22 @@ class DecayedSumMetric(FastCalls):
             self._factor_cache[key] = cached
         return cached
 
-    def _masks(self) -> list[Tensor]:
-        """The decay masks on the states' device (cached with the factors)."""
-        return [self._factor(name, 0.0) == 0 for name in self._state_names()]
+    def _masks(self) -> list[Tensor | None]:
+        """The decay mask of each state on its device (``None`` where every entry decays; cached)."""
+        out: list[Tensor | None] = []
+        for name in self._state_names():
+            mask = self._decay_masks[name]
+            if bool(mask.all()):  # a CPU tensor: no device sync
+                out.append(None)
+                continue
+            key = (name, math.nan)  # the cache of factors, keyed apart from any factor
+            device = getattr(self, name).device
+            cached = self._factor_cache.get(key)
+            if cached is None or cached.device != device:
+                cached = mask.to(device)
+                self._factor_cache[key] = cached
+            out.append(cached)
+        return out
 
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:

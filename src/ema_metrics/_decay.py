@@ -67,13 +67,27 @@ def renorm_interval(beta: float) -> int:
     return max(1, min(2**40, int(_RENORM_SPAN // orders) if orders > 0 else 2**40))
 
 
-def _largest(states: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
-    """The largest magnitude of the decayed entries of a metric (a 0-d device tensor)."""
-    peaks = [torch.where(mask, state.abs(), 0.0).amax() for state, mask in zip(states, masks, strict=True)]
-    return torch.stack(peaks).amax()
+Mask = Tensor | None  # the decayed entries of a state; None: all of them
 
 
-def effective_scale(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Tensor) -> Tensor:
+def _largest(states: Sequence[Tensor], masks: Sequence[Mask]) -> Tensor:
+    """The largest magnitude of the decayed entries of a metric (a 0-d device tensor; one pass per state)."""
+    peaks = [
+        torch.linalg.vector_norm(state, ord=math.inf) if mask is None else torch.where(mask, state.abs(), 0.0).amax()
+        for state, mask in zip(states, masks, strict=True)
+    ]
+    return peaks[0] if len(peaks) == 1 else torch.stack(peaks).amax()
+
+
+def _scaled_(state: Tensor, mask: Mask, shift: Tensor) -> None:
+    """``state`` times ``2 ** shift`` on its decayed entries, in place (exact: a power of two)."""
+    if mask is None:
+        torch.ldexp(state, shift, out=state)
+    else:
+        state.copy_(torch.where(mask, torch.ldexp(state, shift), state))
+
+
+def effective_scale(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -> Tensor:
     """The exponent the stored mantissas are at: ``scale`` while they are tiny, 0 once data arrived, -inf if empty."""
     largest = _largest(states, masks)
     at_zero = torch.zeros_like(scale)
@@ -81,7 +95,7 @@ def effective_scale(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Te
     return torch.where(largest > 0, current, torch.full_like(scale, -math.inf))
 
 
-def canonical_(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Tensor) -> None:
+def canonical_(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -> None:
     """Rewrite ``(mantissas, scale)`` (whose ``scale`` is valid) in place so that the magnitude tells the frame.
 
     A true magnitude of at least ``2 ** TINY_EXP`` is held at scale 0; a smaller one has its largest mantissa in
@@ -94,17 +108,17 @@ def canonical_(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Tensor)
     shift = torch.where(tiny, TINY_EXP - exponent, scale)  # multiply mantissas by 2 ** shift
     shift = torch.where(largest > 0, shift, torch.zeros_like(shift))
     for state, mask in zip(states, masks, strict=True):
-        state.copy_(torch.where(mask, torch.ldexp(state, shift), state))
+        _scaled_(state, mask, shift)
     scale.copy_(torch.where(tiny, scale - shift, torch.zeros_like(scale)))
 
 
-def renormalize_(states: Sequence[Tensor], masks: Sequence[Tensor], scale: Tensor) -> None:
+def renormalize_(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -> None:
     """Keep a metric's decayed states representable (see the module docstring); in place, no host sync."""
     scale.copy_(torch.where(_largest(states, masks) >= _TINY, torch.zeros_like(scale), scale))
     canonical_(states, masks, scale)
 
 
-def without_past(states: dict[str, Tensor], masks: Sequence[Tensor]) -> dict[str, Tensor]:
+def without_past(states: dict[str, Tensor], masks: Sequence[Mask]) -> dict[str, Tensor]:
     """At ``alpha = 1``: the states with the past (stored at weight ``2 ** -300``, see :func:`factor`) set to 0.
 
     An entry ``2 ** 200`` times smaller than the largest decayed entry holds only the past once the last tick brought
@@ -114,6 +128,10 @@ def without_past(states: dict[str, Tensor], masks: Sequence[Tensor]) -> dict[str
     values = list(states.values())
     floor = _largest(values, masks) * 2.0**-200
     return {
-        name: torch.where(torch.logical_and(mask, state.abs() < floor), torch.zeros_like(state), state)
+        name: torch.where(
+            state.abs() < floor if mask is None else torch.logical_and(mask, state.abs() < floor),
+            torch.zeros_like(state),
+            state,
+        )
         for (name, state), mask in zip(states.items(), masks, strict=True)
     }

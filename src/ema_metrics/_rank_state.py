@@ -151,7 +151,7 @@ def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
             f"{where}: the ranks of {type(metric).__name__} ticked different numbers of times"
             f" ({[int(t) for t in ticks]}); their states cannot be pooled"
         )
-    masks = [m.cpu() for m in metric._masks()]
+    masks = [None if m is None else m.cpu() for m in metric._masks()]
     scales = torch.stack(
         [_decay.effective_scale(list(_states(metric, row).values()), masks, row[at + 2]) for row in checked]
     )

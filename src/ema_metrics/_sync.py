@@ -138,7 +138,8 @@ def pool(
     at += n
     replicas = [bool(gathered[0, _HEADER + 2 * n + i] == 1) for i in range(n)]
     commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
-    summed = None if rows_all is not None else _reduce(metrics, scale_rows, commons, replicas, group)
+    host_scales = scale_rows.tolist()
+    summed = None if rows_all is not None else _reduce(metrics, host_scales, commons, replicas, group)
     out, start = [], 0
     for i, m in enumerate(metrics):
         rank_counters = gathered[:, at : at + local.counters[i]]
@@ -149,12 +150,14 @@ def pool(
             pooled = _pool_rows(m, rows, scale_rows[:, i], common, replica, with_ranks)
         else:
             assert summed is not None
-            scale = scale_rows[_rank(group), i] if replica else common
-            scale = torch.where(torch.isinf(scale), torch.zeros_like(scale), scale)
+            scale = host_scales[_rank(group)][i] if replica else common
+            scale = 0.0 if math.isinf(scale) else scale
+            states = _split(m, summed[start : start + local.sizes[i]])
             pooled = Pooled(
-                states=_split(m, summed[start : start + local.sizes[i]]), scale=scale.clone(), ticks=0, counters={}
+                states=states, scale=torch.tensor(scale, dtype=_F64, device=summed.device), ticks=0, counters={}
             )
-            m._canonical(pooled.states, pooled.scale)
+            if scale < 0:  # only a pooled state of metrics without data needs its frame restored
+                m._canonical(pooled.states, pooled.scale)
         start += local.sizes[i]
         totals = rank_counters[:1] if replica else rank_counters
         pooled.ticks = int(gathered[0, _HEADER + n + i])
@@ -174,53 +177,62 @@ def pool_rows(metric: DecayedSumMetric, rows: Tensor, scales: Tensor, replica: b
     return _pool_rows(metric, rows, scales, _common_scale(scales), replica, with_ranks=False)
 
 
-def _common_scale(scales: Tensor) -> Tensor:
+def _common_scale(scales: Tensor) -> float:
     """The largest exponent of the ranks that hold something (0 if none does)."""
-    finite = torch.where(torch.isinf(scales), torch.full_like(scales, -math.inf), scales)
-    top = finite.amax()
-    return torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    finite = [v for v in scales.tolist() if not math.isinf(v)]
+    return max(finite) if finite else 0.0
 
 
 def _pool_rows(
-    metric: DecayedSumMetric, rows: Tensor, scales: Tensor, common: Tensor, replica: bool, with_ranks: bool
+    metric: DecayedSumMetric, rows: Tensor, scales: Tensor, common: float, replica: bool, with_ranks: bool
 ) -> Pooled:
     if replica:
-        summed, common = rows[0].clone(), scales[0].clone()
-        common = torch.where(torch.isinf(common), torch.zeros_like(common), common)
+        first = float(scales[0])
+        common = 0.0 if math.isinf(first) else first
+        summed = rows[0].clone()
+    elif all(v == common for v in scales.tolist()):  # every rank at the same exponent: a plain sum
+        summed = rows.sum(dim=0)
     else:
-        mask = _mask(metric, rows.device)
-        factor = torch.where(torch.isinf(scales), torch.zeros_like(scales), torch.exp2(scales - common))
-        summed = torch.where(mask, rows * factor.unsqueeze(1), rows).sum(dim=0)
-    pooled = Pooled(states=_split(metric, summed), scale=common.clone(), ticks=0, counters={})
-    metric._canonical(pooled.states, pooled.scale)
+        exponents = torch.where(torch.isinf(scales), torch.full_like(scales, -math.inf), scales - common)
+        summed = torch.where(_mask(metric, rows.device), rows * torch.exp2(exponents).unsqueeze(1), rows).sum(dim=0)
+    pooled = Pooled(
+        states=_split(metric, summed), scale=torch.tensor(common, dtype=_F64, device=rows.device), ticks=0, counters={}
+    )
+    if common < 0:  # only a pooled state of metrics without data needs its frame restored
+        metric._canonical(pooled.states, pooled.scale)
     if with_ranks:
         pooled.ranks = [_split(metric, row) for row in rows]
     return pooled
 
 
 def _reduce(
-    metrics: Sequence[DecayedSumMetric], scales: Tensor, commons: list[Tensor], replicas: list[bool], group: Any
+    metrics: Sequence[DecayedSumMetric],
+    scales: list[list[float]],
+    commons: list[float],
+    replicas: list[bool],
+    group: Any,
 ) -> Tensor:
-    """Every metric's states summed over the ranks with **one** ``all_reduce``, each rank's scale aligned first.
+    """Every metric's states summed over the ranks with **one** in-place ``all_reduce`` of one fresh buffer.
 
-    A pooled replica (every rank holds the same pooled state) is taken from this rank as it is.
+    A rank's states are rescaled to the common exponent first, only where it differs (usually every rank is at 0). A
+    pooled replica (every rank holds the same pooled state) keeps this rank's copy.
     """
     rank = _rank(group)
     parts = []
-    for m, common, replica, mine in zip(metrics, commons, replicas, scales[rank], strict=True):
-        values = flat(m)
-        if not replica:
-            factor = torch.where(torch.isinf(mine), torch.zeros_like(mine), torch.exp2(mine - common))
-            values = torch.where(_mask(m, values.device), values * factor, values)
+    for i, m in enumerate(metrics):
+        values = flat(m)  # a fresh float64 buffer
+        mine = scales[rank][i]
+        if not replicas[i] and mine != commons[i]:
+            factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
+            mask = _mask(m, values.device)
+            values = torch.where(mask, values * factor, values)
         parts.append(values)
-    summed = torch.cat(parts)
+    summed = parts[0] if len(parts) == 1 else torch.cat(parts)
     if _ready(group) and not all(replicas):
-        flags = zip(parts, replicas, strict=True)
-        device = summed.device
-        replica_mask = torch.cat([torch.full((p.numel(),), r, dtype=torch.bool, device=device) for p, r in flags])
-        local = summed.clone()
+        kept = [(p.clone(), sum(q.numel() for q in parts[:i])) for i, p in enumerate(parts) if replicas[i]]
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-        summed = torch.where(replica_mask, local, summed)
+        for copy, at in kept:
+            summed[at : at + copy.numel()] = copy
     return summed
 
 
@@ -238,7 +250,8 @@ def _split(metric: DecayedSumMetric, flat: Tensor) -> dict[str, Tensor]:
     offset = 0
     for name in metric._state_names():
         local = getattr(metric, name)
-        out[name] = flat[offset : offset + local.numel()].reshape(local.shape).to(device=local.device).clone()
+        # a view of the fresh buffer (no copy); torch.save and pickling store a shared buffer once
+        out[name] = flat[offset : offset + local.numel()].reshape(local.shape).to(device=local.device)
         offset += local.numel()
     return out
 
