@@ -81,8 +81,8 @@ def _loaded_plain() -> tuple[Metric, Metric]:
 
 def _wrappers_bf16() -> tuple[Metric, Metric]:
     return (
-        EMAWrapper(MeanMetric(nan_strategy="disable"), alpha=0.5).to(torch.bfloat16),
-        EMAWrapper(MeanMetric(nan_strategy="disable"), alpha=0.5).to(torch.bfloat16),
+        EMAWrapper(MeanMetric(), alpha=0.5).to(torch.bfloat16),
+        EMAWrapper(MeanMetric(), alpha=0.5).to(torch.bfloat16),
     )
 
 
