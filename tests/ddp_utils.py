@@ -38,13 +38,18 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ddp(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
+def run_ddp(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, start_method: str = "fork"
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes; return the results by rank.
 
-    ``fn`` must be a module-level function (it is pickled) and its result must be picklable (tensors are fine).
+    The processes are forked by default: they start in milliseconds with everything the test process imported,
+    where a spawned one spends seconds importing torch and torchmetrics again (most of a multi-process test's time
+    on a 2-core machine). ``start_method="spawn"`` starts fresh interpreters; ``fn`` must then be a module-level
+    function (it is pickled). The result must be picklable (tensors are fine).
     """
     require_gloo()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

@@ -16,6 +16,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 N_FEATURES = 4
 
+#: The multi-process strategy of the Lightning tests. ``ddp_fork`` runs Lightning's same multiprocessing launcher as
+#: ``ddp_spawn`` (each rank fits in a new process, rank 0's results come back to the main process), but the processes
+#: start in milliseconds with what the test process imported, where each spawned one spends seconds importing torch
+#: and Lightning again (most of a 2-process test's time on a 2-core machine). What only spawning does (the module and
+#: its metrics travel into fresh interpreters by pickle) is covered by the ``ddp_spawn`` fits of
+#: ``test_lightning_consumers.py``.
+DDP = "ddp_fork"
+
 
 def _release_ddp_before_teardown() -> None:
     """Free the DDP wrapper while the process group still exists, in every process that imports these helpers.

@@ -20,6 +20,7 @@ from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
+    DDP,
     IndexedData,
     ema_oracle,
     loader,
@@ -75,7 +76,7 @@ def _fit(tmp: Path, accumulate: int, batch_size: int, devices: int) -> tuple[Pat
         default_root_dir=tmp,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=DDP if devices > 1 else "auto",
         max_epochs=1,
         accumulate_grad_batches=accumulate,
         log_every_n_steps=LOG_EVERY,
@@ -144,7 +145,7 @@ def test_a_late_stop_still_logs_the_pooled_value(tmp_path: Path) -> None:
         default_root_dir=tmp_path,
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP,
         max_epochs=1,
         accumulate_grad_batches=2,
         log_every_n_steps=LOG_EVERY,

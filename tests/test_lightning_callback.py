@@ -31,6 +31,7 @@ from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
+    DDP,
     N_FEATURES,
     IndexedData,
     ema_oracle,
@@ -304,7 +305,7 @@ def _trainer(
         default_root_dir=root,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=DDP if devices > 1 else "auto",
         max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         log_every_n_steps=log_every,

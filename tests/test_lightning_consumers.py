@@ -24,6 +24,7 @@ from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
+    DDP,
     N_FEATURES,
     IndexedData,
     ema_oracle,
@@ -134,12 +135,14 @@ class Recorder(pl.Callback):
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def _trainer(root: Path, devices: int, callbacks: list[Any], epochs: int = EPOCHS, **kwargs: Any) -> Any:
+def _trainer(
+    root: Path, devices: int, callbacks: list[Any], epochs: int = EPOCHS, strategy: str = DDP, **kwargs: Any
+) -> Any:
     return pl.Trainer(
         default_root_dir=root,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=strategy if devices > 1 else "auto",
         max_epochs=epochs,
         accumulate_grad_batches=K,
         log_every_n_steps=3,
@@ -166,7 +169,8 @@ class Fit:
             ),
             pl.callbacks.EarlyStopping(monitor="train_loss", check_on_train_epoch_end=True, patience=100),
         ]
-        _trainer(root, devices, callbacks).fit(self.model)
+        # spawned: what the main process holds after fit is rank 0's module, pickled back from a fresh interpreter
+        _trainer(root, devices, callbacks, strategy="ddp_spawn").fit(self.model)
         self.ranks = [json.loads(p.read_text()) for p in sorted((root / "seen").glob("rank*.json"))]
         assert len(self.ranks) == devices
         self.per_step = read_records(root / "records" / "step")

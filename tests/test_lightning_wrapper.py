@@ -19,7 +19,7 @@ from torchmetrics.classification import BinaryAccuracy  # noqa: E402
 from ema_metrics import EMAWrapper  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
-from tests.lightning_helpers import IndexedData, loader, read_csv_metric, read_records, write_records  # noqa: E402
+from tests.lightning_helpers import DDP, IndexedData, loader, read_csv_metric, read_records, write_records  # noqa: E402
 
 HALF_LIFE = 2.0
 B = 4
@@ -86,7 +86,7 @@ def test_wrapper_ticks_once_per_optimizer_step(tmp_path: Path, devices: int, acc
         default_root_dir=tmp_path,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=DDP if devices > 1 else "auto",
         max_epochs=1,
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,

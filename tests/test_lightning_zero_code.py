@@ -19,7 +19,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `
 from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
 from tests.ddp_utils import require_gloo  # noqa: E402
-from tests.lightning_helpers import N_FEATURES, IndexedData, loader, read_csv_metric  # noqa: E402
+from tests.lightning_helpers import DDP, N_FEATURES, IndexedData, loader, read_csv_metric  # noqa: E402
 
 HALF_LIFE = 2.0
 
@@ -84,7 +84,7 @@ def _trainer(
         default_root_dir=root,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=DDP if devices > 1 else "auto",
         max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,
