@@ -109,19 +109,6 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
         self._pending_restore: Any = None
         self._undo: list[Any] = []
 
-    # ------------------------------------------------------------------ policy
-    def should_sync(self, trainer: Any, step_done: bool) -> bool:
-        """Whether to pool every rank's EMA at the end of this training batch (the sync policy).
-
-        A batch that Lightning logs is always synced before it is logged, whatever this returns.
-
-        Args:
-            trainer: the Trainer.
-            step_done: whether an optimizer stepped in this batch (a tick just closed).
-
-        """
-        return step_done and self.sync == "step"
-
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Check the Trainer, and move this callback to the front of ``trainer.callbacks``."""
