@@ -2,13 +2,12 @@
 
 Nothing here imports Lightning: the concrete classes in :mod:`ema_metrics.lightning` and
 :mod:`ema_metrics.pytorch_lightning` mix this into their package's ``Callback`` and set ``_pl`` to that package.
-Checkpoint entries are read and written in :mod:`ema_metrics._callback_checkpoint`; every Lightning private used is
-in :mod:`ema_metrics._lightning_internals`.
+Checkpoint entries are read and written in :mod:`ema_metrics._callback_checkpoint`, zero-code mode observes outputs in
+:mod:`ema_metrics._callback_zero_code`; every Lightning private used is in :mod:`ema_metrics._lightning_internals`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -16,11 +15,12 @@ from ema_metrics import _callback_checkpoint as ckpt
 from ema_metrics import _lightning_internals as internals
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics._callback_options import CallbackOptions
+from ema_metrics._callback_zero_code import ZeroCode, _wrap_training_step
 from ema_metrics._functions import synced_values, synced_values_by_rank
 from ema_metrics.ema import EMAMetric
 
 
-class _EMAMetricsCallbackLogic(CallbackOptions):
+class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
     """Every value the Trainer acts on is the exact EMA of all ranks, ticking once per optimizer step.
 
     The callback drives every EMA metric (:class:`~ema_metrics.EMAMetric`, :class:`~ema_metrics.EMAWrapper`) of the
@@ -108,19 +108,6 @@ class _EMAMetricsCallbackLogic(CallbackOptions):
         self._snapshot: dict[str, tuple[Any, bool]] | None = None  # taken at an epoch end, until the next start
         self._pending_restore: Any = None
         self._undo: list[Any] = []
-
-    # ------------------------------------------------------------------ policy
-    def should_sync(self, trainer: Any, step_done: bool) -> bool:
-        """Whether to pool every rank's EMA at the end of this training batch (the sync policy).
-
-        A batch that Lightning logs is always synced before it is logged, whatever this returns.
-
-        Args:
-            trainer: the Trainer.
-            step_done: whether an optimizer stepped in this batch (a tick just closed).
-
-        """
-        return step_done and self.sync == "step"
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -309,63 +296,3 @@ class _EMAMetricsCallbackLogic(CallbackOptions):
             trainer, self._step_done, trainer.lightning_module.automatic_optimization
         ):
             self._sync()
-
-    def _observe(self, pl_module: Any, output: Any, batch: Any) -> None:
-        """Zero-code mode: feed one micro-batch's ``training_step`` output to the metrics, and log them."""
-        if output is not None:
-            outputs = output if isinstance(output, Mapping) else {"loss": output}
-            weight = self._weight(outputs, batch)
-            for key, m in self._own.items():
-                if key not in outputs:
-                    raise KeyError(
-                        f"EMAMetricsCallback: key {key!r} of argument `keys` is not in the training_step output;"
-                        f" available: {sorted(outputs)}"
-                    )
-                m(outputs[key], weight=weight)
-        for key, m in self._own.items():
-            if m.update_called:  # logged as the Metric object: Lightning reads its value when it logs
-                pl_module.log(
-                    self.keys[key],
-                    m,
-                    on_step=True,
-                    on_epoch=False,
-                    prog_bar=self.prog_bar,
-                    metric_attribute=f"EMAMetricsCallback[{self.keys[key]}]",
-                )
-
-    def _weight(self, outputs: Mapping[str, Any], batch: Any) -> Any:
-        if self.weight_key is not None:
-            if self.weight_key not in outputs:
-                raise KeyError(
-                    f"EMAMetricsCallback: argument `weight_key` {self.weight_key!r} is not in the training_step"
-                    f" output; available: {sorted(outputs)}"
-                )
-            return outputs[self.weight_key]
-        if not self.weight_by_batch_size:
-            return 1.0
-        try:
-            return float(internals.extract_batch_size(self._pl)(batch))
-        except Exception as err:
-            raise ValueError(
-                "EMAMetricsCallback could not infer the batch size to weight the zero-code metrics; pass"
-                " `weight_key` or weight_by_batch_size=False"
-            ) from err
-
-
-def _wrap_training_step(pl_module: Any, observe: Any) -> Any:
-    """See each ``training_step`` output as returned (Lightning divides the loss by the accumulation factor later)."""
-    original = pl_module.training_step
-
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        output = original(*args, **kwargs)
-        observe(pl_module, output, args[0] if args else kwargs.get("batch"))
-        return output
-
-    pl_module.__dict__["training_step"] = training_step
-
-    def remove() -> None:
-        if pl_module.__dict__.get("training_step") is training_step:
-            del pl_module.__dict__["training_step"]
-
-    return remove
-

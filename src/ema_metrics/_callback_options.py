@@ -1,4 +1,4 @@
-"""The Lightning callback's arguments: validation, identity in checkpoints, and the checks made when ``fit`` starts."""
+"""The Lightning callback's arguments: validation, sync policy, identity in checkpoints, checks when ``fit`` starts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _SYNC_POLICIES = ("step", "logged")
 
 
 class CallbackOptions:
-    """Arguments of ``EMAMetricsCallback`` (documented there), checked when it is constructed."""
+    """Arguments of ``EMAMetricsCallback`` (documented there), checked when it is constructed, and the sync policy."""
 
     _pl: ModuleType
     _driven: dict[str, DecayedSumMetric]
@@ -79,6 +79,19 @@ class CallbackOptions:
 
     def _reset_fit_state(self) -> None:
         """Forget everything of an earlier fit (implemented by the callback)."""
+
+    # ------------------------------------------------------------------ sync policy
+    def should_sync(self, trainer: Any, step_done: bool) -> bool:
+        """Whether to pool every rank's EMA at the end of this training batch (the sync policy).
+
+        A batch that Lightning logs is always synced before it is logged, whatever this returns.
+
+        Args:
+            trainer: the Trainer.
+            step_done: whether an optimizer stepped in this batch (a tick just closed).
+
+        """
+        return step_done and self.sync == "step"
 
     # ------------------------------------------------------------------ identity and state
     @property

@@ -1,20 +1,31 @@
-"""Checks of a state dict before an EMA metric loads it, reported the way ``torch.nn.Module.load_state_dict`` does.
+"""State dicts of EMA metrics: what is saved next to the states, and the checks before loading them.
 
-torch reports a tensor of the wrong shape, or an entry that is not a tensor, by appending a message to
-``error_msgs``; ``load_state_dict`` then raises one ``RuntimeError`` listing them all (with ``strict=False`` too).
-The metric's states are only touched when every check passed, so a refused state dict leaves the metric as it was.
+:class:`Persistence`, mixed into :class:`~ema_metrics._base.DecayedSumMetric`, saves the tick count, the replica
+flag and the counters as the module's extra state, and loads a state dict only once :func:`load_checked` accepted it.
+
+The checks report what they refuse the way ``torch.nn.Module.load_state_dict`` does. torch reports a tensor of the
+wrong shape, or an entry that is not a tensor, by appending a message to ``error_msgs``; ``load_state_dict`` then
+raises one ``RuntimeError`` listing them all (with ``strict=False`` too). The metric's states are only touched when
+every check passed, so a refused state dict leaves the metric as it was.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral
 from typing import Any
 
 from torch import Tensor
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
+from torchmetrics import Metric
 
-__all__ = ["EXTRA_STATE_KEY", "extra_state_errors", "load_checked", "state_errors"]
+from ema_metrics._contract import _GROUP_TAG
+
+__all__ = ["EXTRA_STATE_KEY", "Persistence", "extra_state_errors", "load_checked", "state_errors"]
+
+_EXTRA_STATE_FORMAT = 2
 
 #: The key, below the metric's prefix, of what ``get_extra_state`` saves (torch's name).
 EXTRA_STATE_KEY = _EXTRA_STATE_KEY_SUFFIX
@@ -136,3 +147,93 @@ def load_checked(
     if not counted:  # the states are reported missing, or are not saved at all: not their counters as well
         missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
     missing_keys.extend(missing)
+
+
+class Persistence(Metric):
+    """The extra state of a ``DecayedSumMetric`` (tick count, replica flag, counters) and the loading of its states."""
+
+    # set by DecayedSumMetric
+    _alpha: float
+    _ticks: int
+    _replica: bool
+    _renorm_every: int
+    _renorm_at: int
+    _state_names: Callable[[], list[str]]
+    _counters_for_compute: Callable[[], dict[str, int]]
+
+    def _reset_counters(self) -> None:
+        """Reset Python-side counters of subclasses (hook)."""
+
+    def _extra_counters(self) -> dict[str, int]:
+        """Python-side counters saved with the state and summed across ranks (hook)."""
+        return {}
+
+    def _set_extra_counters(self, counters: dict[str, int]) -> None:
+        """Restore the counters of :meth:`_extra_counters` (hook)."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Tick count, replica flag and counters, saved in ``state_dict`` next to the tensor states."""
+        # While synced (inside `sync_context`) the states are the pooled ones: save the pooled counters with them.
+        counters = self._counters_for_compute()
+        return {
+            "format": _EXTRA_STATE_FORMAT,
+            "ticks": self._ticks,
+            "alpha": self._alpha,
+            "replica": self._replica or self._is_synced,
+            **counters,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        if not isinstance(state, dict):
+            raise TypeError(f"Expected the extra state of {type(self).__name__} to be a dict, but got {state!r}")
+        saved_alpha = state.get("alpha")
+        if saved_alpha is not None and not math.isclose(float(saved_alpha), self._alpha, rel_tol=1e-12):
+            warnings.warn(
+                f"{type(self).__name__}: loading a state saved with alpha={saved_alpha!r} into a metric with"
+                f" alpha={self._alpha!r}; the past keeps its decay and the new alpha applies from now on.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._ticks = int(state.get("ticks", 0))
+        self._replica = bool(state.get("replica", False))
+        self._renorm_at = self._ticks + self._renorm_every
+        self._update_count = max(self._update_count, self._ticks)
+        self._set_extra_counters(
+            {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
+        )
+
+    def _optional_states(self) -> tuple[str, ...]:
+        """States that a state dict may lack (added in a later version); they keep their value (hook)."""
+        return ()
+
+    def _saves_states(self) -> bool:
+        """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
+        return any(self._persistent[name] for name in self._state_names())
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The tick count and counters travel only with the states they describe: `persistent(False)` saves nothing.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._saves_states():
+            destination.pop(prefix + EXTRA_STATE_KEY, None)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The compute-group tag is never loaded (a state dict from `persistent(True)` may hold one).
+        state_dict.pop(prefix + _GROUP_TAG, None)
+
+        def load() -> None:
+            super(Persistence, self)._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+
+        load_checked(self, state_dict, prefix, load, missing_keys, error_msgs)
+        self._computed = None

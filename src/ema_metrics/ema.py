@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from numbers import Real
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from ema_metrics._base import DecayedSumMetric
-from ema_metrics._inputs import VALUE_DTYPES, as_float, as_tensor, check_nan_strategy, check_overflow, check_tensor
+from ema_metrics._ema_sums import _build_hot, _coef, _Hot, _scalar_sums, _tensor_weight_sums, _vector_sums
+from ema_metrics._inputs import VALUE_DTYPES, as_tensor, check_nan_strategy, check_overflow, check_tensor
 
 __all__ = ["EMAMetric"]
 
-_F64 = torch.float64
-_INF = math.inf
 _STRIDED = torch.strided
-
-
-class _Coef(NamedTuple):
-    """Constant vectors that turn a value into the tick's sums with one ``addcmul``: ``c0 + value * c1``."""
-
-    c0: Tensor  # [0, w, 1, 0]
-    c1: Tensor  # [w, 0, 0, 0]
-    c0_col: Tensor  # the same, as (4, 1) columns for values with several elements
-    c1_col: Tensor
-    may_overflow: bool  # w > 1: a product w*x of a finite x can overflow
-
-
-class _Hot(NamedTuple):
-    """Per-device constants of the hot path, rebuilt when the metric moves."""
-
-    sums: Tensor
-    num: Tensor  # view of sums[0]
-    den: Tensor  # view of sums[1]
-    decay: Tensor  # [beta, beta, 1, 1]
-    keep: Tensor  # [1, 1, 1, 1]
-    one: Tensor
-    zero: Tensor
-    reject: Tensor  # [0, 0, 0, 1]: the sums of an update whose tensor weight was invalid
-    inc: Tensor  # scratch for the sums of a 0-d update, [w*x, w, 1 + 0*x, 0*x]
-    finite: Tensor  # view of inc[2]: 1 for a finite x, NaN otherwise
-    buf: Tensor  # scratch: inc * finite, cleaned
-    coef: dict[float, _Coef]
 
 
 class EMAMetric(DecayedSumMetric):
@@ -151,40 +121,7 @@ class EMAMetric(DecayedSumMetric):
         self._warned_nonfinite = 0
         self._hot: _Hot | None = None
 
-    # ------------------------------------------------------------------ hot path
-    def _build_hot(self) -> _Hot:
-        sums = self.sums
-        dev = sums.device
-        inc = torch.zeros(4, dtype=_F64, device=dev)
-        hot = _Hot(
-            sums=sums,
-            num=sums[0],
-            den=sums[1],
-            decay=torch.tensor([self._decay, self._decay, 1.0, 1.0], dtype=_F64, device=dev),
-            keep=torch.ones(4, dtype=_F64, device=dev),
-            one=torch.ones((), dtype=_F64, device=dev),
-            zero=torch.zeros((), dtype=_F64, device=dev),
-            reject=torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=_F64, device=dev),
-            inc=inc,
-            finite=inc[2],
-            buf=torch.zeros(4, dtype=_F64, device=dev),
-            coef={},
-        )
-        self.__dict__["_hot"] = hot
-        return hot
-
-    def _coef(self, hot: _Hot, weight: float) -> _Coef:
-        w = as_float(weight, "weight")
-        if not (w >= 0.0 and math.isfinite(w)):
-            raise ValueError(f"Expected argument `weight` to be a finite non-negative number, but got {weight!r}")
-        dev = hot.sums.device
-        c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
-        c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
-        coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0)
-        if len(hot.coef) < 64:
-            hot.coef[w] = coef
-        return coef
-
+    # ------------------------------------------------------------------ hot path (the sums: ema_metrics._ema_sums)
     def _accumulate(self, value: Union[Tensor, float], weight: Union[Tensor, float]) -> _Hot:
         """Add one update to the states. Validates everything before touching any state; no host sync."""
         d = self.__dict__
@@ -198,17 +135,17 @@ class EMAMetric(DecayedSumMetric):
             check_tensor(x, "value")
         hot: _Hot | None = d["_hot"]
         if hot is None or hot.sums is not d["sums"]:
-            hot = self._build_hot()
+            hot = _build_hot(self)
         if d["_impute"] is not None:
             x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
         if type(weight) is float or type(weight) is int:
-            coef = hot.coef.get(weight) or self._coef(hot, weight)
+            coef = hot.coef.get(weight) or _coef(hot, weight)
             if x.dim() == 0:
                 numel = 1
                 if not d["_clean"]:
                     inc = torch.addcmul(coef.c0, x, coef.c1)
                 elif coef.may_overflow:
-                    inc = self._scalar_sums(hot, coef, x)
+                    inc = _scalar_sums(hot, coef, x)
                 else:  # the common case, inlined (see _scalar_sums)
                     inc = torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)
             else:
@@ -222,7 +159,7 @@ class EMAMetric(DecayedSumMetric):
                 decay = hot.decay
         else:
             numel = x.numel()
-            inc, decay = self._tensor_weight_sums(hot, x, weight)
+            inc, decay = _tensor_weight_sums(self, hot, x, weight)
             in_tick = d["_in_tick"]
         torch.addcmul(inc, hot.sums, decay, out=hot.sums)
         d["_numel"] += numel
@@ -232,53 +169,6 @@ class EMAMetric(DecayedSumMetric):
             else:
                 self._close_tick()
         return hot  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _scalar_sums(hot: _Hot, coef: _Coef, x: Tensor) -> Tensor:
-        """The sums [w*x, w, 1, 0] of a 0-d value, zero if it is not finite; an overflowing w*x stays inf.
-
-        They come from one addcmul, ``c0 + x * c1``. A non-finite x makes the last three NaN and the first ±inf (NaN
-        for w = 0): with ``w <= 1`` no finite x can overflow the product, so cleaning every NaN and inf to 0 drops
-        exactly the non-finite values (4 kernels a forward). With ``w > 1`` the product may overflow: multiplying by
-        the third entry, ``1 + 0*x`` (1, or NaN for a non-finite x), makes every sum of a non-finite x NaN, and only
-        NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
-        """
-        if not coef.may_overflow:
-            return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)  # inlined in _accumulate
-        torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
-        return torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
-
-    def _tensor_weight_sums(self, hot: _Hot, x: Tensor, weight: Any) -> tuple[Tensor, Tensor]:
-        if isinstance(weight, bool):
-            raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
-        if isinstance(weight, Real):
-            inc = _vector_sums(self._coef(hot, as_float(weight, "weight")), x, self._clean)
-            return inc, hot.decay if self._tick_decay() else hot.keep
-        w = weight.detach() if isinstance(weight, Tensor) else as_tensor(weight, "weight")
-        check_tensor(w, "weight")
-        try:
-            shape = torch.broadcast_shapes(w.shape, x.shape)  # type: ignore[no-untyped-call]
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(
-                f"Expected argument `weight` to be broadcastable to the shape of `value` {tuple(x.shape)},"
-                f" but got shape {tuple(w.shape)}"
-            )
-        # The tick's sums are formed in float64, as on the Python-weight path: a product and sum in the input's
-        # dtype would round (float32) or overflow (float16) before reaching the float64 states.
-        xe = x.reshape(1, -1).to(_F64)
-        we = w.expand(x.shape).reshape(1, -1).to(_F64)
-        finite = torch.addcmul(hot.one, xe, hot.zero)  # 1 where x is finite, NaN elsewhere
-        wd = we * finite
-        # x * (w * finite) is NaN for a non-finite x (dropped) and inf for a finite product that overflows (kept)
-        inc = torch.cat((xe * wd, wd, finite, torch.zeros_like(finite)))
-        inc = torch.nansum(inc, 1) if self._clean else inc.sum(1)
-        invalid = torch.logical_or(w < 0, ~torch.isfinite(w)).any()
-        # An invalid weight rejects the whole update on the device: the state is left as it was (no decay
-        # either), a counter records it, and ``compute`` raises. Reading it here would need a host sync.
-        decay = hot.decay if self._tick_decay() else hot.keep
-        return torch.where(invalid, hot.reject, inc), torch.where(invalid, hot.keep, decay)
 
     def update(self, value: Union[Tensor, float], weight: Union[Tensor, float] = 1.0) -> None:
         """Add one tick (or, inside :meth:`tick`, one part of the open tick).
@@ -399,13 +289,3 @@ class EMAMetric(DecayedSumMetric):
     def extra_repr(self) -> str:
         """Short description for ``print(metric)``."""
         return f"alpha={self.alpha:.6g}, adjust={self.adjust}, nan_strategy={self.nan_strategy!r}"
-
-
-def _vector_sums(coef: _Coef, x: Tensor, clean: bool) -> Tensor:
-    """The sums [w*x, w, 1, 0] of the values of ``x``, summed; as :meth:`EMAMetric._scalar_sums` per column."""
-    cols = torch.addcmul(coef.c0_col, x.reshape(1, -1), coef.c1_col)
-    if not clean:
-        return cols.sum(1)
-    if not coef.may_overflow:
-        return torch.nan_to_num_(cols, 0.0, 0.0, 0.0).sum(1)
-    return torch.nansum(cols * cols[2:3], 1)
