@@ -124,18 +124,25 @@ def subgroup(rank: int, world: int, inline: int) -> dict[str, Any]:
     return {"value": float(metric.compute()), "together": float(synced_values([metric])[0])}
 
 
-def long_empty_run(rank: int, world: int, alpha: float, empty: int) -> list[float]:
-    """Data, then ``empty`` ticks without data on every rank, then data on rank 0 only; pooled values at each stage."""
+def long_empty_run(rank: int, world: int, alpha: float, empty: int, inline: int, silent: bool) -> dict[str, Any]:
+    """Data, then ``empty`` ticks without data on every rank, then data on rank 0 only; pooled values at each stage.
+
+    With ``silent``, rank 1 never sees data (weight 0 throughout): its states stay empty while rank 0's are
+    renormalized, so the pool must align to rank 0's exponent, not to rank 1's.
+    """
+    _sync.INLINE = inline
     metric = EMAMetric(alpha=alpha)
     for tick in rank_data(rank, 3):
-        metric.update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(tick["weight"]))
+        weight = tick["weight"] * (0.0 if silent and rank == 1 else 1.0)
+        metric.update(torch.from_numpy(tick["loss"]), weight=torch.from_numpy(weight))
     before = float(metric.compute())
     for _ in range(empty):
         metric.begin_tick()
         metric.end_tick()
-    after = float(metric.compute())
+    with Counter() as counter:
+        after = float(metric.compute())
     metric.update(torch.tensor([10.0 + rank]), weight=1.0 if rank == 0 else 0.0)
-    return [before, after, float(metric.compute())]
+    return {"values": [before, after, float(metric.compute())], "collectives_after": counter.calls}
 
 
 def spread(rank: int, world: int) -> dict[str, Any]:

@@ -65,6 +65,9 @@ def test_both_paths_give_the_pooled_oracle_on_every_rank(world: int) -> None:
     assert small["together"] == ["all_gather"]
     assert large["together"] == ["all_gather", "all_reduce"]
     assert small["compute"] == ["all_gather"] * 3  # one per compute()
+    # compute() of each metric alone: only the confusion matrix (25 values) is too large to travel inline, and
+    # compute() sums it as synced_values does: it never gathers a large state
+    assert large["compute"] == ["all_gather", "all_gather", "all_reduce", "all_gather"]
 
 
 @pytest.mark.ddp
@@ -129,20 +132,25 @@ def test_alpha_one_keeps_the_last_value_like_pandas() -> None:
 
 
 @pytest.mark.ddp
-def test_long_empty_runs_stay_exact_across_ranks() -> None:
-    ranks = run_ddp(w.long_empty_run, 2, 0.5, 5000, timeout=120)
+@pytest.mark.parametrize("inline", [SMALL, 12])
+@pytest.mark.parametrize("silent", [False, True])
+def test_long_empty_runs_stay_exact_across_ranks(inline: int, silent: bool) -> None:
+    ranks = run_ddp(w.long_empty_run, 2, 0.5, 5000, inline, silent, timeout=120)
     assert ranks[0] == ranks[1]
-    before, after, resumed = ranks[0]
-    expected_before = _oracle_loss(2)
+    before, after, resumed = ranks[0]["values"]
+    expected_before = _oracle_loss(2, ranks=(0,) if silent else (0, 1))
     assert before == pytest.approx(expected_before, rel=1e-12)
     assert after == pytest.approx(before, rel=1e-12)  # 5000 empty ticks at alpha 0.5: 2**-5000 of decay
     assert resumed == pytest.approx(10.0, rel=1e-12)  # only rank 0's new value counts (rank 1 added weight 0)
+    # renormalized states: inline, still the one collective; summed, one more small gather for the exact exponents
+    want = ["all_gather"] if inline == SMALL else ["all_gather", "all_gather", "all_reduce"]
+    assert ranks[0]["collectives_after"] == want
 
 
-def _oracle_loss(world: int) -> float:
+def _oracle_loss(world: int, ranks: tuple[int, ...] | None = None) -> float:
     beta = 1.0 - 0.5
     num = den = 0.0
-    data = [w.rank_data(r, 3) for r in range(world)]
+    data = [w.rank_data(r, 3) for r in (range(world) if ranks is None else ranks)]
     for t in range(w.TICKS):
         num, den = beta * num, beta * den
         for d in data:

@@ -76,6 +76,7 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
         self._replica = False
         self._decay_masks: dict[str, Tensor] = {}
         self._never_decayed: set[str] = set()
+        self._all_decayed: set[str] = set()  # states whose every entry decays: no mask needed
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._renorm_every = _decay.renorm_interval(self.beta)
         self._decay = _decay.factor(self.beta)  # what the stored states decay by (see _decay.factor)
@@ -108,6 +109,8 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
         self._decay_masks[name] = mask
         if not bool(mask.any()):  # a counter: synced, saved and packed with the states, but never scaled
             self._never_decayed.add(name)
+        if bool(mask.all()):
+            self._all_decayed.add(name)
 
     def _factor(self, name: str, factor: float) -> Tensor:
         """Per-entry multiplier: ``factor`` on decayed entries, 1 elsewhere (cached per device)."""
@@ -126,15 +129,14 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
         """The decay mask of each state on its device (``None`` where every entry decays; cached)."""
         out: list[Tensor | None] = []
         for name in self._state_names():
-            mask = self._decay_masks[name]
-            if bool(mask.all()):  # a CPU tensor: no device sync
+            if name in self._all_decayed:
                 out.append(None)
                 continue
             key = (name, math.nan)  # the cache of factors, keyed apart from any factor
             device = getattr(self, name).device
             cached = self._factor_cache.get(key)
             if cached is None or cached.device != device:
-                cached = mask.to(device)
+                cached = self._decay_masks[name].to(device)
                 self._factor_cache[key] = cached
             out.append(cached)
         return out

@@ -71,12 +71,22 @@ Mask = Tensor | None  # the decayed entries of a state; None: all of them
 
 
 def _largest(states: Sequence[Tensor], masks: Sequence[Mask]) -> Tensor:
-    """The largest magnitude of the decayed entries of a metric (a 0-d device tensor; one pass per state)."""
+    """The largest magnitude of the decayed entries of a metric (a 0-d device tensor; one pass per state).
+
+    One ``aminmax`` pass (NaN propagates): several times faster on CPU than ``vector_norm(ord=inf)``.
+    """
     peaks = [
-        torch.linalg.vector_norm(state, ord=math.inf) if mask is None else torch.where(mask, state.abs(), 0.0).amax()
+        _peak(state if mask is None else torch.where(mask, state, 0.0))
         for state, mask in zip(states, masks, strict=True)
     ]
     return peaks[0] if len(peaks) == 1 else torch.stack(peaks).amax()
+
+
+def _peak(values: Tensor) -> Tensor:
+    if values.numel() == 0:
+        return values.new_zeros(())
+    low, high = torch.aminmax(values)
+    return torch.maximum(high, -low)
 
 
 def _scaled_(state: Tensor, mask: Mask, shift: Tensor) -> None:

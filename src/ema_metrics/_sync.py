@@ -11,9 +11,11 @@ pool through :func:`pool`. A sync is:
    data and raises the same error.
 2. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`, 7 values each with their
    descriptor) travel inside that one collective: one collective per sync, and every rank's own state is known.
-3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of their float64
-   sums, each rank's scaled to the common exponent first: a rank's extra memory and traffic are ``O(S)``, not
-   ``O(world_size * S)``.
+3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
+   copy of the states (made while the first collective is in flight): a rank's extra memory and traffic are
+   ``O(S)``, not ``O(world_size * S)``. The descriptors then carry each rank's *stored* exponent (no pass over the
+   states); only when a rank holds renormalized states (no data for thousands of ticks) does one more small
+   ``all_gather`` of the exact exponents precede the sum.
 
 A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics._decay`): pooling aligns every rank to the
 largest exponent, so it is exact (float64 rounding) whatever each rank rescaled.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
+
+from ema_metrics._sync_check import HEADER, MAGIC, check
 
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
@@ -42,8 +46,6 @@ _F64 = torch.float64
 #: they fit, the states. Chosen from ``benchmarks/bench_sync.py`` (see the README): up to this size one ``all_gather``
 #: costs about what a header plus an ``all_reduce`` costs at 2 and 4 processes, and 1024 ranks gather 8 MiB.
 INLINE = 1024
-_MAGIC = 20251126.0
-_HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
 
 
 @dataclass
@@ -85,14 +87,15 @@ def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
     counters = [list(map(float, m._extra_counters().values())) for m in metrics]
     sizes = [sum(getattr(m, name).numel() for name in m._state_names()) for m in metrics]
     n_desc = 4 * n + sum(len(c) for c in counters)
-    inline = _HEADER + n_desc + sum(sizes) <= INLINE
+    inline = HEADER + n_desc + sum(sizes) <= INLINE
     prints = [fingerprint(m) for m in metrics]
-    host = [_MAGIC, float(n), _hash(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
-    if _HEADER + n_desc > INLINE:  # too many metrics for one sync: every rank learns it from the header, and raises
+    host = [MAGIC, float(n), _hash(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
+    if HEADER + n_desc > INLINE:  # too many metrics for one sync: every rank learns it from the header, and raises
         vector = torch.tensor(host, dtype=_F64, device=device)
-        return _Local(torch.nn.functional.pad(vector, (0, INLINE - _HEADER)), n_desc, sizes, [], False)
+        return _Local(torch.nn.functional.pad(vector, (0, INLINE - HEADER)), n_desc, sizes, [], False)
     host += prints + [float(m._ticks) for m in metrics] + [float(m._replica) for m in metrics]
-    scales = torch.stack([m._effective_scale() for m in metrics])
+    # inline, the exact exponents (a pass over small states); otherwise the stored ones, no pass (see pool)
+    scales = torch.stack([m._effective_scale() if inline else m.scale for m in metrics])
     counted = torch.tensor([c for cs in counters for c in cs], dtype=_F64, device=device)
     parts = [torch.tensor(host, dtype=_F64, device=device), scales, counted]
     if inline:
@@ -125,21 +128,33 @@ def pool(
     if not metrics:
         return []
     n = len(metrics)
+    gather = None if gather is gather_all_tensors else gather  # torchmetrics' default: a plain all_gather
     local = local_vector(metrics)
-    gathered = _gather(local.vector, group, gather)
-    _check(gathered, metrics)
+    summands: Tensor | None = None
+    if local.inline or gather is not None:
+        gathered = _gather(local.vector, group, gather)
+    else:  # the states to sum are copied while the descriptors travel
+        gathered, summands = _gather_while(local.vector, group, lambda: flat(*metrics))
+    check(gathered, metrics, INLINE)
     rows_all: Tensor | None = None
     if local.inline:
-        rows_all = gathered[:, _HEADER + local.n_desc : _HEADER + local.n_desc + sum(local.sizes)]
+        rows_all = gathered[:, HEADER + local.n_desc : HEADER + local.n_desc + sum(local.sizes)]
     elif gather is not None:
-        rows_all = _gather(torch.cat([flat(m) for m in metrics]), group, gather)
-    at = _HEADER + 3 * n
+        rows_all = _gather(flat(*metrics), group, gather)
+    at = HEADER + 3 * n
     scale_rows = gathered[:, at : at + n]  # (world, n): each rank's exponent of each metric
+    if not local.inline and bool((scale_rows != 0).any()):
+        # a rank holds renormalized states (no data for thousands of ticks): whether each rank holds anything, and at
+        # which exponent, takes a pass over the states and one more small collective (every rank takes this branch)
+        scale_rows = _gather(torch.stack([m._effective_scale() for m in metrics]), group, gather)
     at += n
-    replicas = [bool(gathered[0, _HEADER + 2 * n + i] == 1) for i in range(n)]
+    replicas = [bool(gathered[0, HEADER + 2 * n + i] == 1) for i in range(n)]
     commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
     host_scales = scale_rows.tolist()
-    summed = None if rows_all is not None else _reduce(metrics, host_scales, commons, replicas, group)
+    summed = None
+    if rows_all is None:
+        assert summands is not None
+        summed = _reduce(metrics, summands, host_scales, commons, replicas, group)
     out, start = [], 0
     for i, m in enumerate(metrics):
         rank_counters = gathered[:, at : at + local.counters[i]]
@@ -160,7 +175,7 @@ def pool(
                 m._canonical(pooled.states, pooled.scale)
         start += local.sizes[i]
         totals = rank_counters[:1] if replica else rank_counters
-        pooled.ticks = int(gathered[0, _HEADER + n + i])
+        pooled.ticks = int(gathered[0, HEADER + n + i])
         pooled.counters = dict(zip(m._extra_counters(), (int(v) for v in totals.sum(0).tolist()), strict=True))
         out.append(pooled)
     return out
@@ -169,7 +184,7 @@ def pool(
 def check_alike(metrics: Sequence[DecayedSumMetric], group: Any = None) -> None:
     """Only the checks of a sync (its first, fixed-size collective): the same error on every rank if they differ."""
     if metrics:
-        _check(_gather(local_vector(metrics).vector, group, None), metrics)
+        check(_gather(local_vector(metrics).vector, group, None), metrics, INLINE)
 
 
 def pool_rows(metric: DecayedSumMetric, rows: Tensor, scales: Tensor, replica: bool) -> Pooled:
@@ -207,38 +222,37 @@ def _pool_rows(
 
 def _reduce(
     metrics: Sequence[DecayedSumMetric],
+    summands: Tensor,
     scales: list[list[float]],
     commons: list[float],
     replicas: list[bool],
     group: Any,
 ) -> Tensor:
-    """Every metric's states summed over the ranks with **one** in-place ``all_reduce`` of one fresh buffer.
+    """Every metric's states (``summands``, this rank's fresh copy) summed over the ranks by **one** ``all_reduce``.
 
     A rank's states are rescaled to the common exponent first, only where it differs (usually every rank is at 0). A
     pooled replica (every rank holds the same pooled state) keeps this rank's copy.
     """
-    rank = _rank(group)
-    parts = []
+    rank, at, kept = _rank(group), 0, []
     for i, m in enumerate(metrics):
-        values = flat(m)  # a fresh float64 buffer
+        part = summands[at : at + sum(getattr(m, name).numel() for name in m._state_names())]
         mine = scales[rank][i]
-        if not replicas[i] and mine != commons[i]:
+        if replicas[i]:
+            kept.append((part, part.clone()))
+        elif mine != commons[i]:
             factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
-            mask = _mask(m, values.device)
-            values = torch.where(mask, values * factor, values)
-        parts.append(values)
-    summed = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if _ready(group) and not all(replicas):
-        kept = [(p.clone(), sum(q.numel() for q in parts[:i])) for i, p in enumerate(parts) if replicas[i]]
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-        for copy, at in kept:
-            summed[at : at + copy.numel()] = copy
-    return summed
+            part.copy_(torch.where(_mask(m, part.device), part * factor, part))
+        at += part.numel()
+    if _ready(group) and len(kept) < len(metrics):
+        dist.all_reduce(summands, op=dist.ReduceOp.SUM, group=group)
+        for part, copy in kept:
+            part.copy_(copy)
+    return summands
 
 
-def flat(metric: DecayedSumMetric) -> Tensor:
-    """The metric's decayed states, flattened into one float64 vector (a copy)."""
-    return torch.cat([getattr(metric, n).reshape(-1).to(_F64) for n in metric._state_names()])
+def flat(*metrics: DecayedSumMetric) -> Tensor:
+    """The metrics' decayed states, flattened into one fresh float64 vector (one copy)."""
+    return torch.cat([getattr(m, n).reshape(-1).to(_F64) for m in metrics for n in m._state_names()])
 
 
 def _mask(metric: DecayedSumMetric, device: torch.device) -> Tensor:
@@ -256,42 +270,6 @@ def _split(metric: DecayedSumMetric, flat: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def _check(gathered: Tensor, metrics: Sequence[DecayedSumMetric]) -> None:
-    """The same checks on every rank, from the same gathered data: the same error everywhere, and no hang."""
-    n = len(metrics)
-    head = gathered[:, :_HEADER].tolist()
-    if any(h[0] != _MAGIC for h in head):
-        raise RuntimeError("EMA metrics sync: a rank sent no EMA metric state (was another collective in flight?)")
-    if any(h[1:] != head[0][1:] for h in head):
-        counts = [int(h[1]) for h in head]
-        raise RuntimeError(
-            f"EMA metrics sync: the ranks sync different metrics (metrics per rank: {counts}), or"
-            " metrics of another class, configuration (alpha, adjust, nan_strategy) or state layout (such as"
-            " num_classes). Every rank must sync the same metrics, configured alike, in the same order."
-        )
-    if any(_HEADER + h[3] > INLINE for h in head):
-        raise RuntimeError(
-            f"EMA metrics sync: {int(head[0][1])} metrics need {int(head[0][3])} descriptor values, more than one sync"
-            f" carries ({INLINE - _HEADER}); sync them in several calls (for example several synced_values calls)"
-        )
-    ticks = gathered[:, _HEADER + n : _HEADER + 2 * n].tolist()
-    replica = gathered[:, _HEADER + 2 * n : _HEADER + 3 * n].tolist()
-    for i, m in enumerate(metrics):
-        per_rank = [int(row[i]) for row in ticks]
-        if len(set(per_rank)) > 1:
-            raise RuntimeError(
-                f"{type(m).__name__}: ranks ticked different numbers of times ({per_rank}); the decayed sums of the"
-                " ranks cannot be added. Every rank must call update/forward (or begin_tick/end_tick) the same number"
-                " of times; pass weight=0 on a rank without data."
-            )
-        flags = [bool(row[i]) for row in replica]
-        if len(set(flags)) > 1:
-            raise RuntimeError(
-                f"{type(m).__name__}: some ranks hold a pooled replica of the state and others a rank-local state"
-                f" ({flags}); the states cannot be pooled. Load the same checkpoint on every rank, or reset the metric."
-            )
-
-
 def _ready(group: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
@@ -301,13 +279,21 @@ def _rank(group: Any) -> int:
 
 
 def _gather(local: Tensor, group: Any, gather: Any) -> Tensor:
-    if gather is not None and gather is not gather_all_tensors:
+    if gather is not None:
         return torch.stack(list(gather(local, group=group)))
+    return _gather_while(local, group, None)[0]
+
+
+def _gather_while(local: Tensor, group: Any, meanwhile: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    """Every rank's ``local``, stacked, and what ``meanwhile`` returns, run while the ``all_gather`` is in flight."""
     if not _ready(group):
-        return local.unsqueeze(0)
+        return local.unsqueeze(0), None if meanwhile is None else meanwhile()
     out = local.new_empty((dist.get_world_size(group), local.numel()))
-    dist.all_gather(list(out.unbind(0)), local, group=group)
-    return out
+    work = dist.all_gather(list(out.unbind(0)), local, group=group, async_op=meanwhile is not None)
+    done = None if meanwhile is None else meanwhile()
+    if work is not None:
+        work.wait()
+    return out, done
 
 
 def _device(metrics: Sequence[DecayedSumMetric]) -> torch.device:

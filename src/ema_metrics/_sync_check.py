@@ -1,0 +1,56 @@
+"""The checks of every sync, run on every rank from the same gathered descriptors (see :mod:`ema_metrics._sync`).
+
+Every rank sees every rank's descriptor, so every rank raises the same error and none waits in a collective that the
+others skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ema_metrics._base import DecayedSumMetric
+
+__all__ = ["HEADER", "MAGIC", "check"]
+
+MAGIC = 20251126.0
+HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
+
+
+def check(gathered: Tensor, metrics: Sequence[DecayedSumMetric], inline: int) -> None:
+    """The same checks on every rank, from the same gathered rows (``inline`` values each): the same error."""
+    n = len(metrics)
+    head = gathered[:, :HEADER].tolist()
+    if any(h[0] != MAGIC for h in head):
+        raise RuntimeError("EMA metrics sync: a rank sent no EMA metric state (was another collective in flight?)")
+    if any(h[1:] != head[0][1:] for h in head):
+        counts = [int(h[1]) for h in head]
+        raise RuntimeError(
+            f"EMA metrics sync: the ranks sync different metrics (metrics per rank: {counts}), or"
+            " metrics of another class, configuration (alpha, adjust, nan_strategy) or state layout (such as"
+            " num_classes). Every rank must sync the same metrics, configured alike, in the same order."
+        )
+    if any(HEADER + h[3] > inline for h in head):
+        raise RuntimeError(
+            f"EMA metrics sync: {int(head[0][1])} metrics need {int(head[0][3])} descriptor values, more than one sync"
+            f" carries ({inline - HEADER}); sync them in several calls (for example several synced_values calls)"
+        )
+    ticks = gathered[:, HEADER + n : HEADER + 2 * n].tolist()
+    replica = gathered[:, HEADER + 2 * n : HEADER + 3 * n].tolist()
+    for i, m in enumerate(metrics):
+        per_rank = [int(row[i]) for row in ticks]
+        if len(set(per_rank)) > 1:
+            raise RuntimeError(
+                f"{type(m).__name__}: ranks ticked different numbers of times ({per_rank}); the decayed sums of the"
+                " ranks cannot be added. Every rank must call update/forward (or begin_tick/end_tick) the same number"
+                " of times; pass weight=0 on a rank without data."
+            )
+        flags = [bool(row[i]) for row in replica]
+        if len(set(flags)) > 1:
+            raise RuntimeError(
+                f"{type(m).__name__}: some ranks hold a pooled replica of the state and others a rank-local state"
+                f" ({flags}); the states cannot be pooled. Load the same checkpoint on every rank, or reset the metric."
+            )
