@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ema_metrics import _sync
+from ema_metrics import _sync, _sync_check
 from ema_metrics._contract import _GROUP_TAG, _SCALE
 from ema_metrics._state_dict import EXTRA_STATE_KEY
 
@@ -152,7 +152,7 @@ def _merge_source(metric: DecayedSumMetric, incoming: Any) -> DecayedSumMetric:
             f"Expected argument `incoming_state` to be an EMA metric or a dict of its states, but got"
             f" {type(incoming).__name__}"
         )
-    if _sync.fingerprint(incoming) != _sync.fingerprint(metric):
+    if _sync_check.fingerprint(incoming) != _sync_check.fingerprint(metric):
         raise ValueError(
             f"{name}.merge_state: the incoming {type(incoming).__name__} differs in class, configuration"
             f" ({incoming._sync_config()} vs {metric._sync_config()}) or state layout; only identical EMAs pool"

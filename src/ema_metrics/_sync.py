@@ -5,7 +5,7 @@ pool through :func:`pool`. A sync is:
 
 1. **One fixed-size ``all_gather``** of ``INLINE`` float64 values per rank: a header, then for each metric a
    descriptor (a fingerprint of its class, configuration and state layout; its tick count; whether it holds a pooled
-   replica; its scale exponent; its summed counters), then, when they fit, the states themselves. The size never
+   replica; its stored scale exponent; its summed counters), then, when they fit, the states themselves. The size never
    depends on the metrics, so ranks whose metrics differ (another ``alpha``, ``num_classes`` or number of metrics)
    cannot wait in collectives of different sizes: every rank sees every descriptor, runs the same checks on the same
    data and raises the same error.
@@ -13,9 +13,12 @@ pool through :func:`pool`. A sync is:
    descriptor) travel inside that one collective: one collective per sync, and every rank's own state is known.
 3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
    copy of the states (made while the first collective is in flight): a rank's extra memory and traffic are
-   ``O(S)``, not ``O(world_size * S)``. The descriptors then carry each rank's *stored* exponent (no pass over the
-   states); only when a rank holds renormalized states (no data for thousands of ticks) does one more small
-   ``all_gather`` of the exact exponents precede the sum.
+   ``O(S)``, not ``O(world_size * S)``.
+
+The descriptors carry each rank's *stored* exponent, so no sync takes a pass over the states: when every rank's is 0
+(the usual case: no rank went without data until its sums fell below ``2 ** -600``), the states add as they are.
+Only when a rank holds renormalized states are the exact exponents needed: from the gathered rows when the states
+travelled inline, else by one more small ``all_gather``.
 
 A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics._decay`): pooling aligns every rank to the
 largest exponent, so it is exact (float64 rounding) whatever each rank rescaled.
@@ -23,7 +26,6 @@ largest exponent, so it is exact (float64 rounding) whatever each rank rescaled.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,17 +36,19 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ema_metrics._sync_check import HEADER, MAGIC, check
+from ema_metrics import _decay
+from ema_metrics._sync_check import HEADER, MAGIC, check, fingerprint, hash_of
 
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["INLINE", "Pooled", "check_alike", "fingerprint", "flat", "local_vector", "pool", "pool_rows"]
+__all__ = ["INLINE", "Pooled", "check_alike", "flat", "local_vector", "pool", "pool_rows"]
 
 _F64 = torch.float64
 #: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
-#: they fit, the states. Chosen from ``benchmarks/bench_sync.py`` (see the README): up to this size one ``all_gather``
-#: costs about what a header plus an ``all_reduce`` costs at 2 and 4 processes, and 1024 ranks gather 8 MiB.
+#: they fit, the states. Sized for scale: every sync, however small, gathers ``world_size * INLINE`` values (8 MiB at
+#: 1024 ranks). ``benchmarks/bench_sync.py`` finds one gather cheaper than the two-collective path up to about 1e4
+#: values at 2 and 4 processes, but a larger ``INLINE`` would make every small sync pay for it at every world size.
 INLINE = 1024
 
 
@@ -57,16 +61,6 @@ class Pooled:
     ticks: int
     counters: dict[str, int]
     ranks: list[dict[str, Tensor]] | None = None  # each rank's own states (at scale 0 or its own), when inline
-
-
-def fingerprint(metric: DecayedSumMetric) -> float:
-    """A 48-bit hash (exact in float64) of what must agree between ranks: class, configuration, state layout."""
-    layout = [(n, tuple(getattr(metric, n).shape)) for n in metric._state_names()]
-    return _hash((type(metric).__qualname__, metric._sync_config(), layout, list(metric._extra_counters())))
-
-
-def _hash(obj: object) -> float:
-    return float(int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=6).digest(), "big"))
 
 
 @dataclass
@@ -89,13 +83,12 @@ def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = HEADER + n_desc + sum(sizes) <= INLINE
     prints = [fingerprint(m) for m in metrics]
-    host = [MAGIC, float(n), _hash(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
+    host = [MAGIC, float(n), hash_of(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
     if HEADER + n_desc > INLINE:  # too many metrics for one sync: every rank learns it from the header, and raises
         vector = torch.tensor(host, dtype=_F64, device=device)
         return _Local(torch.nn.functional.pad(vector, (0, INLINE - HEADER)), n_desc, sizes, [], False)
     host += prints + [float(m._ticks) for m in metrics] + [float(m._replica) for m in metrics]
-    # inline, the exact exponents (a pass over small states); otherwise the stored ones, no pass (see pool)
-    scales = torch.stack([m._effective_scale() if inline else m.scale for m in metrics])
+    scales = torch.stack([m.scale for m in metrics])  # the stored exponents: no pass over the states (see pool)
     counted = torch.tensor([c for cs in counters for c in cs], dtype=_F64, device=device)
     parts = [torch.tensor(host, dtype=_F64, device=device), scales, counted]
     if inline:
@@ -143,10 +136,10 @@ def pool(
         rows_all = _gather(flat(*metrics), group, gather)
     at = HEADER + 3 * n
     scale_rows = gathered[:, at : at + n]  # (world, n): each rank's exponent of each metric
-    if not local.inline and bool((scale_rows != 0).any()):
+    if bool((scale_rows != 0).any()):
         # a rank holds renormalized states (no data for thousands of ticks): whether each rank holds anything, and at
-        # which exponent, takes a pass over the states and one more small collective (every rank takes this branch)
-        scale_rows = _gather(torch.stack([m._effective_scale() for m in metrics]), group, gather)
+        # which exponent, takes a pass over the states, and one more small collective when they did not travel here
+        scale_rows = _exact_scales(metrics, rows_all, scale_rows, group, gather)
     at += n
     replicas = [bool(gathered[0, HEADER + 2 * n + i] == 1) for i in range(n)]
     commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
@@ -178,6 +171,22 @@ def pool(
         pooled.ticks = int(gathered[0, HEADER + n + i])
         pooled.counters = dict(zip(m._extra_counters(), (int(v) for v in totals.sum(0).tolist()), strict=True))
         out.append(pooled)
+    return out
+
+
+def _exact_scales(
+    metrics: Sequence[DecayedSumMetric], rows_all: Tensor | None, stored: Tensor, group: Any, gather: Any
+) -> Tensor:
+    """Each rank's effective exponent of each metric (``-inf`` if it holds nothing), from the rows or gathered."""
+    if rows_all is None:
+        return _gather(torch.stack([m._effective_scale() for m in metrics]), group, gather)
+    out, start = torch.empty_like(stored), 0
+    for i, m in enumerate(metrics):
+        size = sum(getattr(m, name).numel() for name in m._state_names())
+        for rank, row in enumerate(rows_all[:, start : start + size]):
+            states = list(_split(m, row).values())
+            out[rank, i] = _decay.effective_scale(states, m._masks(), stored[rank, i])
+        start += size
     return out
 
 

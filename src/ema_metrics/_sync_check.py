@@ -6,6 +6,7 @@ others skip.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -14,10 +15,21 @@ from torch import Tensor
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["HEADER", "MAGIC", "check"]
+__all__ = ["HEADER", "MAGIC", "check", "fingerprint", "hash_of"]
 
 MAGIC = 20251126.0
 HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
+
+
+def fingerprint(metric: DecayedSumMetric) -> float:
+    """A 48-bit hash (exact in float64) of what must agree between ranks: class, configuration, state layout."""
+    layout = [(n, tuple(getattr(metric, n).shape)) for n in metric._state_names()]
+    return hash_of((type(metric).__qualname__, metric._sync_config(), layout, list(metric._extra_counters())))
+
+
+def hash_of(obj: object) -> float:
+    """A 48-bit hash of ``repr(obj)``, exact in float64 (so it travels in a float64 collective)."""
+    return float(int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=6).digest(), "big"))
 
 
 def check(gathered: Tensor, metrics: Sequence[DecayedSumMetric], inline: int) -> None:
