@@ -31,13 +31,9 @@ __all__ = [
 _F64 = torch.float64
 
 
-def _size(metric: DecayedSumMetric) -> int:
-    return sum(getattr(metric, n).numel() for n in metric._state_names())
-
-
 def vector_size(metric: DecayedSumMetric) -> int:
     """The length of the metric's state vector."""
-    return _size(metric) + 3 + len(metric._extra_counters())
+    return _sync.size(metric) + 3 + len(metric._extra_counters())
 
 
 def state_vector(metric: DecayedSumMetric) -> Tensor:
@@ -90,7 +86,7 @@ def check_vector(metric: DecayedSumMetric, vector: Any, where: str) -> Tensor:
     v = vector.to(_F64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{where}: the state of {name} holds non-finite values: {v.tolist()}")
-    ticks_at = _size(metric)
+    ticks_at = _sync.size(metric)
     ticks, replica, scale, *counters = v[ticks_at:].tolist()
     if ticks < 0 or not float(ticks).is_integer():
         raise ValueError(f"{where}: the tick count of {name} must be a non-negative integer, but got {ticks!r}")
@@ -119,7 +115,7 @@ def _states(metric: DecayedSumMetric, vector: Tensor) -> dict[str, Tensor]:
 def load_vector(metric: DecayedSumMetric, vector: Any, where: str) -> None:
     """Set the metric's state from a vector (validated first: on error the state is unchanged)."""
     v = check_vector(metric, vector, where)
-    at = _size(metric)
+    at = _sync.size(metric)
     ticks, replica, scale, *counters = v[at:].tolist()
     device = metric.scale.device
     for name, value in _states(metric, v).items():
@@ -144,7 +140,7 @@ def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
         shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
         raise ValueError(f"{where}: expected a (world_size, n) tensor of per-rank states, but got {shape}")
     checked = torch.stack([check_vector(metric, row, f"{where}, rank {r}") for r, row in enumerate(rows)])
-    at = _size(metric)
+    at = _sync.size(metric)
     ticks = checked[:, at].tolist()
     if len(set(ticks)) > 1:
         raise ValueError(
@@ -170,7 +166,7 @@ def pooled_state_dict(metric: DecayedSumMetric, pooled: Tensor) -> dict[str, Any
     for name, value in states.items():
         if metric._persistent.get(name, False):
             out[name] = value.to(getattr(metric, name).dtype).clone()
-    at = _size(metric)
+    at = _sync.size(metric)
     ticks, _, scale, *counters = pooled[at:].tolist()
     if metric._persistent.get("scale", False):
         out["scale"] = torch.tensor(scale, dtype=_F64)

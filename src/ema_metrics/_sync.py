@@ -42,7 +42,7 @@ from ema_metrics._sync_check import HEADER, MAGIC, check, fingerprint, hash_of
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["INLINE", "Pooled", "check_alike", "flat", "local_vector", "pool", "pool_rows"]
+__all__ = ["INLINE", "Pooled", "check_alike", "flat", "local_vector", "pool", "pool_rows", "size"]
 
 _F64 = torch.float64
 #: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
@@ -79,7 +79,7 @@ def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
     device = _device(metrics)
     n = len(metrics)
     counters = [list(map(float, m._extra_counters().values())) for m in metrics]
-    sizes = [sum(getattr(m, name).numel() for name in m._state_names()) for m in metrics]
+    sizes = [size(m) for m in metrics]
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = HEADER + n_desc + sum(sizes) <= INLINE
     prints = [fingerprint(m) for m in metrics]
@@ -144,10 +144,7 @@ def pool(
     replicas = [bool(gathered[0, HEADER + 2 * n + i] == 1) for i in range(n)]
     commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
     host_scales = scale_rows.tolist()
-    summed = None
-    if rows_all is None:
-        assert summands is not None
-        summed = _reduce(metrics, summands, host_scales, commons, replicas, group)
+    summed = None if summands is None else _reduce(metrics, summands, host_scales, commons, replicas, group)
     out, start = [], 0
     for i, m in enumerate(metrics):
         rank_counters = gathered[:, at : at + local.counters[i]]
@@ -182,11 +179,10 @@ def _exact_scales(
         return _gather(torch.stack([m._effective_scale() for m in metrics]), group, gather)
     out, start = torch.empty_like(stored), 0
     for i, m in enumerate(metrics):
-        size = sum(getattr(m, name).numel() for name in m._state_names())
-        for rank, row in enumerate(rows_all[:, start : start + size]):
+        for rank, row in enumerate(rows_all[:, start : start + size(m)]):
             states = list(_split(m, row).values())
             out[rank, i] = _decay.effective_scale(states, m._masks(), stored[rank, i])
-        start += size
+        start += size(m)
     return out
 
 
@@ -244,7 +240,7 @@ def _reduce(
     """
     rank, at, kept = _rank(group), 0, []
     for i, m in enumerate(metrics):
-        part = summands[at : at + sum(getattr(m, name).numel() for name in m._state_names())]
+        part = summands[at : at + size(m)]
         mine = scales[rank][i]
         if replicas[i]:
             kept.append((part, part.clone()))
@@ -257,6 +253,11 @@ def _reduce(
         for part, copy in kept:
             part.copy_(copy)
     return summands
+
+
+def size(metric: DecayedSumMetric) -> int:
+    """How many values the metric's decayed states hold together."""
+    return sum(getattr(metric, n).numel() for n in metric._state_names())
 
 
 def flat(*metrics: DecayedSumMetric) -> Tensor:
