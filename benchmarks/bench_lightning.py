@@ -8,16 +8,19 @@ optimizer steps, ``strategy="ddp_spawn"``) logs three scalars per training batch
 - ``ema_logged``: the same with ``EMAMetricsCallback(sync="logged")`` (target: at most ceil(N / L) + 2);
 - ``sync_dist``: 3 tensors logged with ``self.log(..., sync_dist=True)``;
 - ``torchmetrics``: 3 ``MeanMetric(dist_sync_on_step=True)`` logged ``on_step``;
-- ``raw``: 3 tensors logged without any sync (the baseline: no collective).
+- ``raw``: 3 tensors logged without any sync (the baseline: no collective);
+- ``floor``: ``raw`` plus one bare blocking ``all_gather`` of ``INLINE`` float64 values (the size of the EMA sync's one
+  collective) at the end of every optimizer step, and nothing else: what *any* exact per-step sync costs on this
+  machine, whatever computes it. ``ema`` / ``floor`` is the cost of the EMA metrics themselves.
 
 On each rank, a callback wraps the ``torch.distributed`` collectives (``all_gather``, ``all_reduce``,
 ``all_gather_into_tensor``, ``broadcast``, ``all_gather_object``, ``broadcast_object_list``, ``reduce_scatter``,
 ``barrier``) with counters in ``on_train_start`` and reads them in ``on_train_end``. DDP's gradient all-reduce runs in
 C++ (the reducer) and is not seen by these wrappers: it is the same in every variant. The same callback times the
 training loop on each rank from ``on_train_start`` to ``on_train_end`` (process spawn and setup are not included).
-The ``raw``, ``ema`` and ``ema_logged`` variants are timed ``--repeats`` times as paired runs (one of each per round,
-in rotating order); the median over rounds of the per-round ratio to ``raw`` is compared with the targets: at most
-1.03 for ``ema``, 1.02 for ``ema_logged``. Ranks pass their results back through files in a temporary folder.
+The ``raw``, ``floor``, ``ema`` and ``ema_logged`` variants are timed ``--repeats`` times as paired runs (one of each
+per round, in rotating order); the median over rounds of the per-round ratio to ``raw`` is compared with the targets:
+at most 1.03 for ``ema``, 1.02 for ``ema_logged``. Ranks pass their results back through files in a temporary folder.
 
 Run:
     python benchmarks/bench_lightning.py              # N=200, k=4, L=10, 5 paired rounds (about 6 minutes on 2 cores)
@@ -50,16 +53,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 
 from ema_metrics import EMAMetric
+from ema_metrics._sync import INLINE
 from ema_metrics.lightning import EMAMetricsCallback
 
-VARIANTS = ("ema", "ema_logged", "sync_dist", "torchmetrics", "raw")
-TIMED = ("raw", "ema", "ema_logged")
+VARIANTS = ("ema", "ema_logged", "sync_dist", "torchmetrics", "floor", "raw")
+TIMED = ("raw", "floor", "ema", "ema_logged")
 TARGETS = {"ema": 1.03, "ema_logged": 1.02}
 DESCRIPTIONS = {
     "ema": "3 EMAMetric + EMAMetricsCallback()",
     "ema_logged": "3 EMAMetric + EMAMetricsCallback(sync=logged)",
     "sync_dist": "3 tensors, self.log(sync_dist=True)",
     "torchmetrics": "3 MeanMetric(dist_sync_on_step=True)",
+    "floor": "3 tensors + 1 bare all_gather per step",
     "raw": "3 tensors, no sync (baseline)",
 }
 COLLECTIVES = (
@@ -149,6 +154,23 @@ class CollectiveCounter(pl.Callback):
         path.write_text(json.dumps(result))
 
 
+class BareGather(pl.Callback):
+    """The ``floor`` variant: one blocking ``all_gather`` of ``INLINE`` float64 values after every optimizer step."""
+
+    def __init__(self) -> None:
+        self._stepped = False
+        self._local = torch.zeros(INLINE, dtype=torch.float64)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._stepped = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._stepped:
+            self._stepped = False
+            out = self._local.new_empty((trainer.world_size, INLINE))
+            dist.all_gather(list(out.unbind(0)), self._local)
+
+
 class BenchModule(pl.LightningModule):
     """A small MLP regression; logs three scalars per training batch in the way ``variant`` says."""
 
@@ -228,6 +250,8 @@ def fit(variant: str, args: argparse.Namespace, result_dir: Path, profile: bool 
     callbacks: list[pl.Callback] = [CollectiveCounter(str(result_dir), variant, profile=profile)]
     if variant.startswith("ema"):
         callbacks.insert(0, EMAMetricsCallback(sync="logged" if variant == "ema_logged" else "step"))
+    elif variant == "floor":
+        callbacks.insert(0, BareGather())
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -304,7 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="N: optimizer steps")
     parser.add_argument("--accumulate", type=int, default=4, help="k: accumulate_grad_batches")
     parser.add_argument("--log-every", type=int, default=10, help="L: log_every_n_steps")
-    parser.add_argument("--repeats", type=int, default=5, help="paired rounds of `raw`, `ema`, `ema_logged`")
+    parser.add_argument("--repeats", type=int, default=5, help="paired rounds of `raw`, `floor`, `ema`, `ema_logged`")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="N=60, 2 repeats")
     parser.add_argument("--profile", action="store_true", help="cProfile rank 0 of one more `ema` run")
@@ -383,6 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  wall-time ratio {variant} / raw per round: {' '.join(f'{x:.3f}' for x in ratios)};"
                 f" median {median:.3f}, target <= {target}: {'PASS' if median <= target else 'MISS'}"
             )
+        floor = [r["seconds"] / b for r, b in zip(results["floor"], raw_times, strict=True)]
+        own = [r["seconds"] / f["seconds"] for r, f in zip(results["ema"], results["floor"], strict=True)]
+        for label, ratios in (
+            ("floor / raw per round (one bare blocking all_gather per step, no EMA)", floor),
+            ("ema / floor per round (the EMA metrics' own cost beyond that collective)", own),
+        ):
+            print(f"  {label}: {' '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
         print(f"load average at end: {_load()}; whole benchmark {time.perf_counter() - started:.0f} s")
         if args.profile:
             fit("ema", args, result_dir, profile=True)
