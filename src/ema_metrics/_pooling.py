@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ema_metrics import _sync, _sync_check
+from ema_metrics import _sync, _sync_check, _sync_rows
 from ema_metrics._contract import _GROUP_TAG, _SCALE
 from ema_metrics._state_dict import EXTRA_STATE_KEY
 
@@ -56,7 +56,7 @@ class Pooling(Metric):
         self._adopt(pooled)
         self._synced_counters: dict[str, int] | None = pooled.counters
 
-    def _adopt(self, pooled: _sync.Pooled) -> None:
+    def _adopt(self, pooled: _sync_rows.Pooled) -> None:
         for name, value in pooled.states.items():
             setattr(self, name, value)
         setattr(self, _SCALE, pooled.scale)
@@ -86,7 +86,7 @@ class Pooling(Metric):
         """
         raise NotImplementedError
 
-    def _value_of(self, pooled: _sync.Pooled) -> Any:
+    def _value_of(self, pooled: _sync_rows.Pooled) -> Any:
         """The value of a pooled state, after the checks ``compute`` makes."""
         return self._value_from_states(pooled.states, counters=pooled.counters, check=True)
 
@@ -118,9 +118,9 @@ class Pooling(Metric):
         """
         this = cast("DecayedSumMetric", self)
         other = _merge_source(this, incoming_state)
-        rows = torch.stack([_sync.flat(this), _sync.flat(other)])
+        rows = torch.stack([_sync_rows.flat(this), _sync_rows.flat(other)])
         scales = torch.stack([this._effective_scale(), other._effective_scale()])
-        pooled = _sync.pool_rows(this, rows, scales, replica=False)
+        pooled = _sync_rows.pool_rows(this, rows, scales, replica=False)
         counters = {k: v + other._extra_counters()[k] for k, v in self._extra_counters().items()}
         self._adopt(pooled)
         self._replica = False

@@ -3,7 +3,7 @@
 This is the interface between the metrics and the Lightning callback (checkpoints, epoch continuity, the pooled
 state after a fit). A vector holds, in order, every decayed state flattened, the tick count, the replica flag (1
 when the vector is the pooled state of all ranks), the scale exponent and the metric's summed counters. Vectors of
-several ranks pool with the arithmetic of a sync (:func:`ema_metrics._sync.pool_rows`), once the tick counts agree.
+several ranks pool with the arithmetic of a sync (:func:`ema_metrics._sync_rows.pool_rows`), once the tick counts agree.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ema_metrics import _decay, _sync
+from ema_metrics import _decay, _sync, _sync_rows
 from ema_metrics._base import DecayedSumMetric, _distributed_ready
 
 __all__ = [
@@ -33,12 +33,12 @@ _F64 = torch.float64
 
 def vector_size(metric: DecayedSumMetric) -> int:
     """The length of the metric's state vector."""
-    return _sync.size(metric) + 3 + len(metric._extra_counters())
+    return _sync_rows.size(metric) + 3 + len(metric._extra_counters())
 
 
 def state_vector(metric: DecayedSumMetric) -> Tensor:
     """This rank's state as one float64 vector (a copy, on the metric's device)."""
-    states = _sync.flat(metric)
+    states = _sync_rows.flat(metric)
     head = torch.tensor([float(metric.ticks), float(metric._replica)], dtype=_F64, device=states.device)
     counters = torch.tensor([float(v) for v in metric._extra_counters().values()], dtype=_F64, device=states.device)
     return torch.cat([states, head, metric.scale.reshape(1).to(_F64), counters])
@@ -86,7 +86,7 @@ def check_vector(metric: DecayedSumMetric, vector: Any, where: str) -> Tensor:
     v = vector.to(_F64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{where}: the state of {name} holds non-finite values: {v.tolist()}")
-    ticks_at = _sync.size(metric)
+    ticks_at = _sync_rows.size(metric)
     ticks, replica, scale, *counters = v[ticks_at:].tolist()
     if ticks < 0 or not float(ticks).is_integer():
         raise ValueError(f"{where}: the tick count of {name} must be a non-negative integer, but got {ticks!r}")
@@ -115,7 +115,7 @@ def _states(metric: DecayedSumMetric, vector: Tensor) -> dict[str, Tensor]:
 def load_vector(metric: DecayedSumMetric, vector: Any, where: str) -> None:
     """Set the metric's state from a vector (validated first: on error the state is unchanged)."""
     v = check_vector(metric, vector, where)
-    at = _sync.size(metric)
+    at = _sync_rows.size(metric)
     ticks, replica, scale, *counters = v[at:].tolist()
     device = metric.scale.device
     for name, value in _states(metric, v).items():
@@ -140,7 +140,7 @@ def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
         shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
         raise ValueError(f"{where}: expected a (world_size, n) tensor of per-rank states, but got {shape}")
     checked = torch.stack([check_vector(metric, row, f"{where}, rank {r}") for r, row in enumerate(rows)])
-    at = _sync.size(metric)
+    at = _sync_rows.size(metric)
     ticks = checked[:, at].tolist()
     if len(set(ticks)) > 1:
         raise ValueError(
@@ -152,7 +152,7 @@ def pool_vectors(metric: DecayedSumMetric, rows: Any, where: str) -> Tensor:
         [_decay.effective_scale(list(_states(metric, row).values()), masks, row[at + 2]) for row in checked]
     )
     replica = bool((checked[:, at + 1] == 1).all())
-    pooled = _sync.pool_rows(metric, checked[:, :at], scales, replica)
+    pooled = _sync_rows.pool_rows(metric, checked[:, :at], scales, replica)
     counters = checked[:1, at + 3 :] if replica else checked[:, at + 3 :]
     head = torch.tensor([ticks[0], 0.0], dtype=_F64)
     flat = torch.cat([pooled.states[n].reshape(-1).cpu() for n in metric._state_names()])
@@ -166,7 +166,7 @@ def pooled_state_dict(metric: DecayedSumMetric, pooled: Tensor) -> dict[str, Any
     for name, value in states.items():
         if metric._persistent.get(name, False):
             out[name] = value.to(getattr(metric, name).dtype).clone()
-    at = _sync.size(metric)
+    at = _sync_rows.size(metric)
     ticks, _, scale, *counters = pooled[at:].tolist()
     if metric._persistent.get("scale", False):
         out["scale"] = torch.tensor(scale, dtype=_F64)

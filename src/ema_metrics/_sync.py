@@ -21,7 +21,9 @@ Only when a rank holds renormalized states are the exact exponents needed: from 
 travelled inline, else by one more small ``all_gather``.
 
 A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics._decay`): pooling aligns every rank to the
-largest exponent, so it is exact (float64 rounding) whatever each rank rescaled.
+largest exponent, so it is exact (float64 rounding) whatever each rank rescaled. The descriptors are read on the host
+once per sync; the arithmetic on the gathered rows is :mod:`ema_metrics._sync_rows`, the checks
+:mod:`ema_metrics._sync_check`.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ema_metrics import _decay
 from ema_metrics._sync_check import HEADER, MAGIC, check, fingerprint, hash_of
+from ema_metrics._sync_rows import Pooled, common_scale, flat, flat_parts, mask, pool_rows_at, size, split
 
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
 
-__all__ = ["INLINE", "Pooled", "check_alike", "flat", "local_vector", "pool", "pool_rows", "size"]
+__all__ = ["INLINE", "check_alike", "local_vector", "pool"]
 
 _F64 = torch.float64
 #: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
@@ -50,17 +53,6 @@ _F64 = torch.float64
 #: 1024 ranks). ``benchmarks/bench_sync.py`` finds one gather cheaper than the two-collective path up to about 1e4
 #: values at 2 and 4 processes, but a larger ``INLINE`` would make every small sync pay for it at every world size.
 INLINE = 1024
-
-
-@dataclass
-class Pooled:
-    """The pooled state of one metric: decayed states (mantissas at ``scale``), tick count and summed counters."""
-
-    states: dict[str, Tensor]
-    scale: Tensor
-    ticks: int
-    counters: dict[str, int]
-    ranks: list[dict[str, Tensor]] | None = None  # each rank's own states (at scale 0 or its own), when inline
 
 
 @dataclass
@@ -75,27 +67,30 @@ class _Local:
 
 
 def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
-    """This rank's part of the first collective of a sync of ``metrics`` (``INLINE`` float64 values)."""
+    """This rank's part of the first collective of a sync of ``metrics`` (``INLINE`` float64 values).
+
+    The layout: the header; then for each metric its fingerprint, tick count and replica flag; every metric's counters;
+    each metric's stored exponent; then, when they fit, the states. Everything known on the host goes into one tensor.
+    """
     device = _device(metrics)
     n = len(metrics)
-    counters = [list(map(float, m._extra_counters().values())) for m in metrics]
+    counters = [[float(v) for v in m._extra_counters().values()] for m in metrics]
     sizes = [size(m) for m in metrics]
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = HEADER + n_desc + sum(sizes) <= INLINE
-    prints = [fingerprint(m) for m in metrics]
+    prints = tuple(fingerprint(m) for m in metrics)
     host = [MAGIC, float(n), hash_of(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
-    if HEADER + n_desc > INLINE:  # too many metrics for one sync: every rank learns it from the header, and raises
-        vector = torch.tensor(host, dtype=_F64, device=device)
-        return _Local(torch.nn.functional.pad(vector, (0, INLINE - HEADER)), n_desc, sizes, [], False)
-    host += prints + [float(m._ticks) for m in metrics] + [float(m._replica) for m in metrics]
-    scales = torch.stack([m.scale for m in metrics])  # the stored exponents: no pass over the states (see pool)
-    counted = torch.tensor([c for cs in counters for c in cs], dtype=_F64, device=device)
-    parts = [torch.tensor(host, dtype=_F64, device=device), scales, counted]
-    if inline:
-        parts += [flat(m) for m in metrics]
-    local = torch.cat(parts)
-    local = torch.nn.functional.pad(local, (0, INLINE - local.numel()))
-    return _Local(local, n_desc, sizes, [len(c) for c in counters], inline)
+    fits = HEADER + n_desc <= INLINE  # else too many metrics for one sync: every rank learns it from the header
+    parts: list[Tensor] = []
+    if fits:
+        host += [*prints, *(float(m._ticks) for m in metrics), *(float(m._replica) for m in metrics)]
+        host += [c for cs in counters for c in cs]
+        parts = [m.scale.reshape(1) for m in metrics]  # the stored exponents: no pass over the states (see pool)
+        if inline:
+            parts += flat_parts(metrics)
+    tail = torch.zeros(INLINE - len(host) - sum(p.numel() for p in parts), dtype=_F64, device=device)
+    vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
+    return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline and fits)
 
 
 def pool(
@@ -128,60 +123,65 @@ def pool(
         gathered = _gather(local.vector, group, gather)
     else:  # the states to sum are copied while the descriptors travel
         gathered, summands = _gather_while(local.vector, group, lambda: flat(*metrics))
-    check(gathered, metrics, INLINE)
+    desc = gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist()  # every rank's descriptors, on the host once
+    check(desc, metrics, INLINE)
     rows_all: Tensor | None = None
     if local.inline:
         rows_all = gathered[:, HEADER + local.n_desc : HEADER + local.n_desc + sum(local.sizes)]
     elif gather is not None:
         rows_all = _gather(flat(*metrics), group, gather)
-    at = HEADER + 3 * n
-    scale_rows = gathered[:, at : at + n]  # (world, n): each rank's exponent of each metric
-    if bool((scale_rows != 0).any()):
+    at = HEADER + local.n_desc - n
+    scale_rows = [row[at : at + n] for row in desc]  # (world, n): each rank's exponent of each metric
+    if any(v != 0 for row in scale_rows for v in row):
         # a rank holds renormalized states (no data for thousands of ticks): whether each rank holds anything, and at
         # which exponent, takes a pass over the states, and one more small collective when they did not travel here
         scale_rows = _exact_scales(metrics, rows_all, scale_rows, group, gather)
-    at += n
-    replicas = [bool(gathered[0, HEADER + 2 * n + i] == 1) for i in range(n)]
-    commons = [_common_scale(scale_rows[:, i]) for i in range(n)]
-    host_scales = scale_rows.tolist()
-    summed = None if summands is None else _reduce(metrics, summands, host_scales, commons, replicas, group)
-    out, start = [], 0
+    replicas = [desc[0][HEADER + 2 * n + i] == 1 for i in range(n)]
+    per_metric = [[row[i] for row in scale_rows] for i in range(n)]
+    commons = [common_scale(scales) for scales in per_metric]
+    summed = None if summands is None else _reduce(metrics, summands, scale_rows, commons, replicas, group)
+    plain = not any(replicas) and all(v == c for vs, c in zip(per_metric, commons, strict=True) for v in vs)
+    plain_sum = rows_all.sum(dim=0) if rows_all is not None and plain else None  # the usual case: one sum for all
+    out, start, at = [], 0, HEADER + 3 * n
     for i, m in enumerate(metrics):
-        rank_counters = gathered[:, at : at + local.counters[i]]
+        counted = [row[at : at + local.counters[i]] for row in (desc[:1] if replicas[i] else desc)]
         at += local.counters[i]
-        replica, common = replicas[i], commons[i]
+        replica, common, part = replicas[i], commons[i], slice(start, start + local.sizes[i])
         if rows_all is not None:
-            rows = rows_all[:, start : start + local.sizes[i]]
-            pooled = _pool_rows(m, rows, scale_rows[:, i], common, replica, with_ranks)
+            total = None if plain_sum is None else plain_sum[part]
+            pooled = pool_rows_at(m, rows_all[:, part], per_metric[i], common, replica, with_ranks, total)
         else:
             assert summed is not None
-            scale = host_scales[_rank(group)][i] if replica else common
+            scale = scale_rows[_rank(group)][i] if replica else common
             scale = 0.0 if math.isinf(scale) else scale
-            states = _split(m, summed[start : start + local.sizes[i]])
+            states = split(m, summed[part])
             pooled = Pooled(
                 states=states, scale=torch.tensor(scale, dtype=_F64, device=summed.device), ticks=0, counters={}
             )
             if scale < 0:  # only a pooled state of metrics without data needs its frame restored
                 m._canonical(pooled.states, pooled.scale)
         start += local.sizes[i]
-        totals = rank_counters[:1] if replica else rank_counters
-        pooled.ticks = int(gathered[0, HEADER + n + i])
-        pooled.counters = dict(zip(m._extra_counters(), (int(v) for v in totals.sum(0).tolist()), strict=True))
+        pooled.ticks = int(desc[0][HEADER + n + i])
+        columns = zip(*counted, strict=True)
+        pooled.counters = {k: int(sum(col)) for k, col in zip(m._extra_counters(), columns, strict=True)}
         out.append(pooled)
     return out
 
 
 def _exact_scales(
-    metrics: Sequence[DecayedSumMetric], rows_all: Tensor | None, stored: Tensor, group: Any, gather: Any
-) -> Tensor:
+    metrics: Sequence[DecayedSumMetric], rows_all: Tensor | None, stored: list[list[float]], group: Any, gather: Any
+) -> list[list[float]]:
     """Each rank's effective exponent of each metric (``-inf`` if it holds nothing), from the rows or gathered."""
     if rows_all is None:
-        return _gather(torch.stack([m._effective_scale() for m in metrics]), group, gather)
-    out, start = torch.empty_like(stored), 0
+        scales = torch.stack([m._effective_scale() for m in metrics])
+        gathered: list[list[float]] = _gather(scales, group, gather).tolist()
+        return gathered
+    out, start = [list(row) for row in stored], 0
     for i, m in enumerate(metrics):
         for rank, row in enumerate(rows_all[:, start : start + size(m)]):
-            states = list(_split(m, row).values())
-            out[rank, i] = _decay.effective_scale(states, m._masks(), stored[rank, i])
+            states = list(split(m, row).values())
+            scale = torch.tensor(stored[rank][i], dtype=_F64, device=row.device)
+            out[rank][i] = float(_decay.effective_scale(states, m._masks(), scale))
         start += size(m)
     return out
 
@@ -189,40 +189,9 @@ def _exact_scales(
 def check_alike(metrics: Sequence[DecayedSumMetric], group: Any = None) -> None:
     """Only the checks of a sync (its first, fixed-size collective): the same error on every rank if they differ."""
     if metrics:
-        check(_gather(local_vector(metrics).vector, group, None), metrics, INLINE)
-
-
-def pool_rows(metric: DecayedSumMetric, rows: Tensor, scales: Tensor, replica: bool) -> Pooled:
-    """Pool per-rank states held here (checkpoint rows, ``merge_state``): the arithmetic of a sync, no collective."""
-    return _pool_rows(metric, rows, scales, _common_scale(scales), replica, with_ranks=False)
-
-
-def _common_scale(scales: Tensor) -> float:
-    """The largest exponent of the ranks that hold something (0 if none does)."""
-    finite = [v for v in scales.tolist() if not math.isinf(v)]
-    return max(finite) if finite else 0.0
-
-
-def _pool_rows(
-    metric: DecayedSumMetric, rows: Tensor, scales: Tensor, common: float, replica: bool, with_ranks: bool
-) -> Pooled:
-    if replica:
-        first = float(scales[0])
-        common = 0.0 if math.isinf(first) else first
-        summed = rows[0].clone()
-    elif all(v == common for v in scales.tolist()):  # every rank at the same exponent: a plain sum
-        summed = rows.sum(dim=0)
-    else:
-        exponents = torch.where(torch.isinf(scales), torch.full_like(scales, -math.inf), scales - common)
-        summed = torch.where(_mask(metric, rows.device), rows * torch.exp2(exponents).unsqueeze(1), rows).sum(dim=0)
-    pooled = Pooled(
-        states=_split(metric, summed), scale=torch.tensor(common, dtype=_F64, device=rows.device), ticks=0, counters={}
-    )
-    if common < 0:  # only a pooled state of metrics without data needs its frame restored
-        metric._canonical(pooled.states, pooled.scale)
-    if with_ranks:
-        pooled.ranks = [_split(metric, row) for row in rows]
-    return pooled
+        local = local_vector(metrics)
+        gathered = _gather(local.vector, group, None)
+        check(gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist(), metrics, INLINE)
 
 
 def _reduce(
@@ -246,38 +215,13 @@ def _reduce(
             kept.append((part, part.clone()))
         elif mine != commons[i]:
             factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
-            part.copy_(torch.where(_mask(m, part.device), part * factor, part))
+            part.copy_(torch.where(mask(m, part.device), part * factor, part))
         at += part.numel()
     if _ready(group) and len(kept) < len(metrics):
         dist.all_reduce(summands, op=dist.ReduceOp.SUM, group=group)
         for part, copy in kept:
             part.copy_(copy)
     return summands
-
-
-def size(metric: DecayedSumMetric) -> int:
-    """How many values the metric's decayed states hold together."""
-    return sum(getattr(metric, n).numel() for n in metric._state_names())
-
-
-def flat(*metrics: DecayedSumMetric) -> Tensor:
-    """The metrics' decayed states, flattened into one fresh float64 vector (one copy)."""
-    return torch.cat([getattr(m, n).reshape(-1).to(_F64) for m in metrics for n in m._state_names()])
-
-
-def _mask(metric: DecayedSumMetric, device: torch.device) -> Tensor:
-    return torch.cat([metric._decay_masks[n].reshape(-1) for n in metric._state_names()]).to(device)
-
-
-def _split(metric: DecayedSumMetric, flat: Tensor) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    offset = 0
-    for name in metric._state_names():
-        local = getattr(metric, name)
-        # a view of the fresh buffer (no copy); torch.save and pickling store a shared buffer once
-        out[name] = flat[offset : offset + local.numel()].reshape(local.shape).to(device=local.device)
-        offset += local.numel()
-    return out
 
 
 def _ready(group: Any) -> bool:

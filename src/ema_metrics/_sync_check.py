@@ -6,11 +6,10 @@ others skip.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-
-from torch import Tensor
 
 if TYPE_CHECKING:
     from ema_metrics._base import DecayedSumMetric
@@ -23,19 +22,23 @@ HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, l
 
 def fingerprint(metric: DecayedSumMetric) -> float:
     """A 48-bit hash (exact in float64) of what must agree between ranks: class, configuration, state layout."""
-    layout = [(n, tuple(getattr(metric, n).shape)) for n in metric._state_names()]
-    return hash_of((type(metric).__qualname__, metric._sync_config(), layout, list(metric._extra_counters())))
+    layout = tuple((n, tuple(getattr(metric, n).shape)) for n in metric._state_names())
+    return hash_of((type(metric).__qualname__, metric._sync_config(), layout, tuple(metric._extra_counters())))
 
 
-def hash_of(obj: object) -> float:
-    """A 48-bit hash of ``repr(obj)``, exact in float64 (so it travels in a float64 collective)."""
+@functools.lru_cache(maxsize=1024)
+def hash_of(obj: tuple[object, ...]) -> float:
+    """A 48-bit hash of ``repr(obj)``, exact in float64 (so it travels in a float64 collective); memoized."""
     return float(int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=6).digest(), "big"))
 
 
-def check(gathered: Tensor, metrics: Sequence[DecayedSumMetric], inline: int) -> None:
-    """The same checks on every rank, from the same gathered rows (``inline`` values each): the same error."""
+def check(rows: list[list[float]], metrics: Sequence[DecayedSumMetric], inline: int) -> None:
+    """The same checks on every rank, from the same gathered descriptors (one row per rank): the same error.
+
+    ``rows`` hold at least the header and the descriptors of every rank's first collective (``inline`` values each).
+    """
     n = len(metrics)
-    head = gathered[:, :HEADER].tolist()
+    head = [row[:HEADER] for row in rows]
     if any(h[0] != MAGIC for h in head):
         raise RuntimeError("EMA metrics sync: a rank sent no EMA metric state (was another collective in flight?)")
     if any(h[1:] != head[0][1:] for h in head):
@@ -50,8 +53,8 @@ def check(gathered: Tensor, metrics: Sequence[DecayedSumMetric], inline: int) ->
             f"EMA metrics sync: {int(head[0][1])} metrics need {int(head[0][3])} descriptor values, more than one sync"
             f" carries ({inline - HEADER}); sync them in several calls (for example several synced_values calls)"
         )
-    ticks = gathered[:, HEADER + n : HEADER + 2 * n].tolist()
-    replica = gathered[:, HEADER + 2 * n : HEADER + 3 * n].tolist()
+    ticks = [row[HEADER + n : HEADER + 2 * n] for row in rows]
+    replica = [row[HEADER + 2 * n : HEADER + 3 * n] for row in rows]
     for i, m in enumerate(metrics):
         per_rank = [int(row[i]) for row in ticks]
         if len(set(per_rank)) > 1:
