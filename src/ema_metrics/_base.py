@@ -201,8 +201,8 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
             raise RuntimeError(f"{type(self).__name__}.begin_tick() was called while a tick is already open")
         if self._replica:
             self._dereplicate()
-        self._in_tick = True
-        self._tick_decayed = False
+        d = self.__dict__  # plain flags: skip nn.Module.__setattr__, as the hot path does (it runs every step)
+        d["_in_tick"], d["_tick_decayed"] = True, False
 
     def end_tick(self) -> None:
         """Close the open tick. A tick that received no update still decays, so all ranks stay in step.
@@ -215,10 +215,10 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
             raise RuntimeError(f"{type(self).__name__}.end_tick() was called without an open tick")
         if not self._tick_decayed and self._ticks > 0:
             self._scale_decayed_(self._decay)
-        self._in_tick = False
-        self._tick_decayed = False
+        d = self.__dict__
+        d["_in_tick"], d["_tick_decayed"] = False, False
         self._close_tick()
-        self._computed = None
+        d["_computed"] = None
 
     @property
     def in_tick(self) -> bool:

@@ -96,12 +96,18 @@ class CallbackOptions:
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
-        """Key of this callback's entry in a checkpoint, so several instances can coexist."""
-        args = {k: v for k, v in self._zero_code_args.items() if v is not None} if self.keys else {}
-        return (
-            f"EMAMetricsCallback{{metrics={self.metric_names}, exclude={self.exclude},"
-            f" keys={sorted(self.keys.items())}, weight_key={self.weight_key}, {args}}}"
-        )
+        """Key of this callback's entry in a checkpoint, so several instances can coexist.
+
+        Built once from the arguments: Lightning reads it at every hook call of every callback.
+        """
+        key: str | None = self.__dict__.get("_state_key")
+        if key is None:
+            args = {k: v for k, v in self._zero_code_args.items() if v is not None} if self.keys else {}
+            key = self.__dict__["_state_key"] = (
+                f"EMAMetricsCallback{{metrics={self.metric_names}, exclude={self.exclude},"
+                f" keys={sorted(self.keys.items())}, weight_key={self.weight_key}, {args}}}"
+            )
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         """Options and format; the per-rank metric states are added by ``on_save_checkpoint``."""
