@@ -1,7 +1,7 @@
 """Collectives and wall time of smoothed on-step logging in a 2-process Lightning DDP run (CPU, gloo).
 
 The same training (a small MLP on batches of 64, ``accumulate_grad_batches=k``, ``log_every_n_steps=L``, N
-optimizer steps, ``strategy="ddp_spawn"``) logs three scalars per training batch in five ways:
+optimizer steps, ``strategy="ddp_fork"``) logs three scalars per training batch in these ways:
 
 - ``ema``: 3 ``EMAMetric`` logged ``on_step`` with ``EMAMetricsCallback()``, pooled after every optimizer step (target:
   at most N + 2 collectives, that is one per step, none on accumulating micro-batches);
@@ -17,13 +17,13 @@ On each rank, a callback wraps the ``torch.distributed`` collectives (``all_gath
 ``all_gather_into_tensor``, ``broadcast``, ``all_gather_object``, ``broadcast_object_list``, ``reduce_scatter``,
 ``barrier``) with counters in ``on_train_start`` and reads them in ``on_train_end``. DDP's gradient all-reduce runs in
 C++ (the reducer) and is not seen by these wrappers: it is the same in every variant. The same callback times the
-training loop on each rank from ``on_train_start`` to ``on_train_end`` (process spawn and setup are not included).
+training loop on each rank from ``on_train_start`` to ``on_train_end`` (process start and setup are not included).
 The ``raw``, ``floor``, ``ema`` and ``ema_logged`` variants are timed ``--repeats`` times as paired runs (one of each
 per round, in rotating order); the median over rounds of the per-round ratio to ``raw`` is compared with the targets:
 at most 1.03 for ``ema``, 1.02 for ``ema_logged``. Ranks pass their results back through files in a temporary folder.
 
 Run:
-    python benchmarks/bench_lightning.py              # N=200, k=4, L=10, 5 paired rounds (about 6 minutes on 2 cores)
+    python benchmarks/bench_lightning.py              # N=200, k=4, L=10, 11 paired rounds (about 5 minutes on 2 cores)
     python benchmarks/bench_lightning.py --quick      # a shorter run
     python benchmarks/bench_lightning.py --profile    # also cProfile rank 0 of one ``ema`` run
 """
@@ -89,7 +89,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-_quiet()  # at import, so that the spawned ranks (which import this script) are quiet from their start too
+_quiet()  # at import, so that ranks started by another method than fork (which import this script) are quiet too
 
 
 class CollectiveCounter(pl.Callback):
@@ -244,7 +244,7 @@ class _NullLogger(pl.loggers.Logger):
 
 
 def fit(variant: str, args: argparse.Namespace, result_dir: Path, profile: bool = False) -> dict[str, Any]:
-    """One Lightning fit on 2 spawned processes; returns rank 0's result and every rank's counts."""
+    """One Lightning fit on 2 forked processes; returns rank 0's result and every rank's counts."""
     batches = args.steps * args.accumulate
     module = BenchModule(variant, batches)
     callbacks: list[pl.Callback] = [CollectiveCounter(str(result_dir), variant, profile=profile)]
@@ -255,7 +255,7 @@ def fit(variant: str, args: argparse.Namespace, result_dir: Path, profile: bool 
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",
         max_epochs=1,
         accumulate_grad_batches=args.accumulate,
         log_every_n_steps=args.log_every,
@@ -328,7 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="N: optimizer steps")
     parser.add_argument("--accumulate", type=int, default=4, help="k: accumulate_grad_batches")
     parser.add_argument("--log-every", type=int, default=10, help="L: log_every_n_steps")
-    parser.add_argument("--repeats", type=int, default=5, help="paired rounds of `raw`, `floor`, `ema`, `ema_logged`")
+    parser.add_argument("--repeats", type=int, default=11, help="paired rounds of `raw`, `floor`, `ema`, `ema_logged`")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="N=60, 2 repeats")
     parser.add_argument("--profile", action="store_true", help="cProfile rank 0 of one more `ema` run")
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n, k, every = args.steps, args.accumulate, args.log_every
     logged = math.ceil(n / every)
     print(
-        f"Lightning {pl.__version__}, torch {torch.__version__}: {args.devices} gloo processes (ddp_spawn, CPU), "
+        f"Lightning {pl.__version__}, torch {torch.__version__}: {args.devices} gloo processes (ddp_fork, CPU), "
         f"N={n} optimizer steps, k={k} (accumulate_grad_batches), L={every} (log_every_n_steps)\n"
         f"model: MLP {N_FEATURES}-{HIDDEN}-{HIDDEN}-1 on batches of {BATCH}, {n * k} training batches per process, "
         f"3 scalars logged on_step per batch, {logged} logged steps\n"
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = fit(variant, args, result_dir)
             results[variant].append(res)
             whole = time.perf_counter() - start
-            print(f"  fit {variant:<12} training loop {res['seconds']:6.2f} s (whole fit with spawn {whole:5.1f} s)")
+            print(f"  fit {variant:<12} training loop {res['seconds']:6.2f} s (whole fit {whole:5.1f} s)")
 
         base = results["raw"][0]["counts"]
         print(f"\nCollectives issued by each rank from on_train_start to on_train_end ({n * k} training batches):")
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         raw_times = [r["seconds"] for r in results["raw"]]
         print(
-            f"\nTraining-loop wall time (on_train_start -> on_train_end, slower rank; spawn and setup excluded),"
+            f"\nTraining-loop wall time (on_train_start -> on_train_end, slower rank; start and setup excluded),"
             f" {args.repeats} paired rounds in rotating order:"
         )
         for variant in TIMED:
