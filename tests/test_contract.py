@@ -17,7 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.regression import MeanSquaredError
 
-from ema_metrics import EMAMetric, EMAWrapper, _sync
+from ema_metrics import EMAMetric, EMAWrapper, _sync, _sync_check, synced_values
 from tests.test_ema_reference import ATOL, RTOL, ema_oracle
 
 VALUES = [1.0 / 3.0, 2.0 / 7.0, 5.0 / 11.0]
@@ -289,3 +289,19 @@ def test_plot_wrapper_uses_the_wrapped_bounds(pyplot: Any) -> None:
     assert (wrapper.plot_lower_bound, wrapper.plot_upper_bound) == (0.0, 1.0)
     assert ax.get_ylim()[0] <= 0.0
     assert ax.get_ylim()[1] >= 1.0
+
+
+def test_a_subclass_configuration_that_is_not_hashable_still_syncs() -> None:
+    # fingerprints are memoized on the configuration; a subclass may put a list in it
+    class Tagged(EMAMetric):
+        def _sync_config(self) -> tuple[Any, ...]:
+            return (*super()._sync_config(), ["tag", 1])
+
+    tagged, plain = Tagged(alpha=0.5), EMAMetric(alpha=0.5)
+    for x in (1.0, 4.0):
+        tagged.update(x)
+        plain.update(x)
+    (value,) = synced_values([tagged])
+    assert float(value) == float(plain.compute())
+    assert _sync_check.fingerprint(tagged) != _sync_check.fingerprint(plain)
+    np.testing.assert_allclose(float(value), ema_oracle([[(1.0, 1.0)], [(4.0, 1.0)]], 0.5)[-1], rtol=RTOL, atol=ATOL)

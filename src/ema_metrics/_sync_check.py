@@ -26,10 +26,19 @@ def fingerprint(metric: DecayedSumMetric) -> float:
     return hash_of((type(metric).__qualname__, metric._sync_config(), layout, tuple(metric._extra_counters())))
 
 
-@functools.lru_cache(maxsize=1024)
 def hash_of(obj: tuple[object, ...]) -> float:
     """A 48-bit hash of ``repr(obj)``, exact in float64 (so it travels in a float64 collective); memoized."""
+    try:
+        return _memo(obj)
+    except TypeError:  # an unhashable part (a subclass's configuration, say): no memo
+        return _digest(obj)
+
+
+def _digest(obj: object) -> float:
     return float(int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=6).digest(), "big"))
+
+
+_memo = functools.lru_cache(maxsize=1024)(_digest)
 
 
 def check(rows: list[list[float]], metrics: Sequence[DecayedSumMetric], inline: int) -> None:
