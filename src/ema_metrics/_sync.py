@@ -90,7 +90,7 @@ def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
             parts += flat_parts(metrics)
     tail = torch.zeros(INLINE - len(host) - sum(p.numel() for p in parts), dtype=_F64, device=device)
     vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
-    return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline and fits)
+    return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline)  # inline implies fits
 
 
 def pool(
