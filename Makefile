@@ -47,10 +47,10 @@ test-newest: $(STAMP)
 # packaging check (it installs the wheel with the newest releases into a venv of its own), the notebook, the
 # framework examples and the Lightning demo, the Hugging Face tests (transformers is not pinned) and the sync
 # protocol tests (torch.distributed only).
-FLOOR_SKIP := test_packaging test_notebook test_examples test_lightning_demo test_transformers test_transformers_setup \
-	test_sync
+FLOOR_SKIP := tests/test_packaging.py tests/test_notebook.py tests/test_examples.py tests/test_lightning_demo.py \
+	tests/integrations/transformers tests/sync/test_sync.py
 test-floor: $(FLOOR_STAMP)
-	EMA_METRICS_TESTED_ENV=floor $(FLOOR_BIN)/python -m pytest -rs $(foreach t,$(FLOOR_SKIP),--ignore=tests/$(t).py)
+	EMA_METRICS_TESTED_ENV=floor $(FLOOR_BIN)/python -m pytest -rs $(foreach t,$(FLOOR_SKIP),--ignore=$(t))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_update.py

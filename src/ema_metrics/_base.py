@@ -1,39 +1,46 @@
-"""``DecayedSumMetric``: the base class of metrics whose states are exponentially decayed sums.
+"""``DecayedSumMetric``: the base class of metrics whose states are exponentially decayed sums, whole.
 
-A tick is "multiply every decayed state by ``beta``, then add this tick's sums" (:mod:`ema_metrics._decay`, the one
-place where that happens). Summing such states across ranks is exact once their scales are aligned, which every sync
-does in one place (:mod:`ema_metrics._sync`). This class holds the tick API, the decayed states and their scale; the
-rest of the torchmetrics contract comes from mixins: the compute-group guard, dtype moves and pickling
-(:mod:`ema_metrics._contract`), persistence (:mod:`ema_metrics._state_dict`), the sync and ``merge_state``
-(:mod:`ema_metrics._pooling`). The interface with the Lightning callback is :mod:`ema_metrics._rank_state`.
+A tick is "multiply every decayed state by ``beta``, then add this tick's sums" (:mod:`ema_metrics.utilities.decay`,
+the one place where that happens). Summing such states across ranks is exact once their scales are aligned, which
+every sync does in one place (:mod:`ema_metrics._sync`), reading the metric through :meth:`~DecayedSumMetric.sync_state`
+only. This class holds, in order: the tick API and the decayed states with their scale; the torchmetrics contract
+(compute groups, dtype moves, pickling); persistence (the extra state, checked state-dict loading); pooling
+(torchmetrics' sync hooks, the synced ``forward``, ``merge_state``, and the sync interface).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from lightning_utilities import apply_to_collection
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ema_metrics import _decay
-from ema_metrics._contract import _SCALE, _STATE_DTYPE, MetricContract
+from ema_metrics import _sync
 from ema_metrics._fast import FastCalls
-from ema_metrics._params import resolve_alpha
-from ema_metrics._pooling import Pooling
-from ema_metrics._state_dict import Persistence
+from ema_metrics.utilities import decay
+from ema_metrics.utilities.checks import EXTRA_STATE_KEY, extra_state_errors, state_errors
+from ema_metrics.utilities.params import resolve_alpha
 
 __all__ = ["DecayedSumMetric"]
 
+_STATE_DTYPE = torch.float64
+_GROUP_TAG = "instance_tag"
+_SCALE = "scale"
+_EXTRA_STATE_FORMAT = 2
 
-def _distributed_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def _follow_device(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device=device)
 
 
-class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
+class DecayedSumMetric(FastCalls):
     """Base class: states that are exponentially decayed sums, advanced one *tick* at a time.
 
     Subclasses register their decayed states with :meth:`_add_decayed_state` and apply a tick's sums in
@@ -45,6 +52,10 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
     its sums are multiplied by ``1 / alpha`` (the sum of ``beta ** k`` over all ``k >= 0``). With unit weights
     this is pandas ``ewm(adjust=False)``, and it stays a linear function of the states, so it is still exact
     across ranks.
+
+    Subclasses implement ``_value_from_states`` (the value of given states) and may extend the hooks
+    ``_sync_config``, ``_check_states``, ``_extra_counters`` / ``_set_extra_counters`` / ``_reset_counters`` and
+    ``_optional_states``.
     """
 
     full_state_update: bool = False
@@ -74,15 +85,16 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
         # written by the Lightning callback, or after a fit): a sync then counts it once, and the first tick keeps it
         # on rank 0 only (see `_dereplicate`).
         self._replica = False
+        self._synced_counters: dict[str, int] | None = None
         self._decay_masks: dict[str, Tensor] = {}
         self._never_decayed: set[str] = set()
         self._all_decayed: set[str] = set()  # states whose every entry decays: no mask needed
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
-        self._renorm_every = _decay.renorm_interval(self.beta)
-        self._decay = _decay.factor(self.beta)  # what the stored states decay by (see _decay.factor)
+        self._renorm_every = decay.renorm_interval(self.beta)
+        self._decay = decay.factor(self.beta)  # what the stored states decay by (see decay.factor)
         self._renorm_at = self._renorm_every
         self._add_group_tag()
-        # the power-of-two exponent of the decayed states (see ema_metrics._decay); pooled by aligning, not summing
+        # the power-of-two exponent of the decayed states (see ema_metrics.utilities.decay); aligned, not summed
         self.add_state(_SCALE, torch.zeros((), dtype=_STATE_DTYPE), dist_reduce_fx=None, persistent=True)
 
     # ------------------------------------------------------------------ parametrisation
@@ -144,24 +156,16 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
     def _scale_decayed_(self, factor: float) -> None:
         for name in self._decay_masks:
             if name not in self._never_decayed:  # a counter: never scaled
-                _decay.decay_(getattr(self, name), self._factor(name, factor))
+                decay.decay_(getattr(self, name), self._factor(name, factor))
 
-    def _decay_add_(self, name: str, increment: Tensor, decay: bool) -> None:
-        """Decay state ``name`` (if ``decay``) and add ``increment`` to it, in one fused operation."""
-        _decay.decay_add_(getattr(self, name), increment, self._factor(name, self._decay if decay else 1.0))
+    def _decay_add_(self, name: str, increment: Tensor, decays: bool) -> None:
+        """Decay state ``name`` (if ``decays``) and add ``increment`` to it, in one fused operation."""
+        decay.decay_add_(getattr(self, name), increment, self._factor(name, self._decay if decays else 1.0))
 
     def _renormalize(self) -> None:
-        """Keep the decayed states of a metric without data from underflowing (see :mod:`ema_metrics._decay`)."""
-        _decay.renormalize_([getattr(self, n) for n in self._state_names()], self._masks(), self.scale)
+        """Keep the decayed states of a metric without data from underflowing (see :mod:`~.utilities.decay`)."""
+        decay.renormalize_([getattr(self, n) for n in self._state_names()], self._masks(), self.scale)
         self.__dict__["_renorm_at"] = self._ticks + self._renorm_every
-
-    def _effective_scale(self) -> Tensor:
-        """The exponent this rank's stored states are at (0 once data arrived, -inf when empty)."""
-        return _decay.effective_scale([getattr(self, n) for n in self._state_names()], self._masks(), self.scale)
-
-    def _canonical(self, states: dict[str, Tensor], scale: Tensor) -> None:
-        """Put pooled ``(states, scale)`` in the form the stored states keep (in place)."""
-        _decay.canonical_([states[n] for n in self._state_names()], self._masks(), scale)
 
     def _state_names(self) -> list[str]:
         """The states that are decayed, synced and restored."""
@@ -292,11 +296,338 @@ class DecayedSumMetric(Pooling, Persistence, MetricContract, FastCalls):
         count is kept everywhere, so the ranks stay in step.
         """
         self.__dict__["_replica"] = False
-        group = self.process_group
-        rank = dist.get_rank(group) if _distributed_ready() else 0
-        if rank != 0:
+        if _sync.rank(self.process_group) != 0:
             for name in self._state_names():
                 getattr(self, name).zero_()
             self.scale.zero_()
             self._set_extra_counters({name: 0 for name in self._extra_counters()})
         self._computed = None
+
+    # ------------------------------------------------------------------ hooks of subclasses
+    def _value_from_states(
+        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+    ) -> Any:
+        """The value computed from (pooled) states, without touching the local states (hook).
+
+        With ``check``, the deferred checks run on ``counters`` (rejected updates, non-finite values).
+        """
+        raise NotImplementedError
+
+    def _sync_config(self) -> tuple[Any, ...]:
+        """What must agree between ranks besides the class and the state layout (hook; extend in subclasses)."""
+        return (repr(self._alpha), self.adjust)
+
+    def _check_states(self, states: dict[str, Tensor]) -> str | None:
+        """What is wrong with these (loaded) states, or ``None`` (hook: e.g. a negative summed weight)."""
+        return None
+
+    def _reset_counters(self) -> None:
+        """Reset Python-side counters of subclasses (hook)."""
+
+    def _extra_counters(self) -> dict[str, int]:
+        """Python-side counters saved with the state and summed across ranks (hook)."""
+        return {}
+
+    def _set_extra_counters(self, counters: dict[str, int]) -> None:
+        """Restore the counters of :meth:`_extra_counters` (hook)."""
+
+    def _optional_states(self) -> tuple[str, ...]:
+        """States that a state dict may lack (added in a later version); they keep their value (hook)."""
+        return ()
+
+    # ------------------------------------------------------------------ torchmetrics contract: compute groups
+    def _add_group_tag(self) -> None:
+        """Register the first state: a NaN, so that this metric is never merged into a compute group.
+
+        torchmetrics' ``MetricCollection`` merges metrics whose states are all ``allclose`` after the first update into
+        one compute group: they would share one state tensor but not the tick count, and a tick would decay it once per
+        member (and two EMAs of different alpha hold equal sums after one tick). ``allclose`` is False for NaN in
+        every floating dtype, so no clone, copy, dtype move, loaded state dict or number of instances can make two EMA
+        metrics equal. Being registered first, it ends the comparison at once. It is never synced, decayed, saved,
+        loaded or converted to another dtype (it only follows the device).
+        """
+        self.add_state(_GROUP_TAG, torch.tensor(math.nan, dtype=_STATE_DTYPE), persistent=False)
+
+    def persistent(self, mode: bool = False) -> None:
+        """Change whether the states are saved in ``state_dict`` (the compute-group tag never is)."""
+        super().persistent(mode)
+        self._persistent[_GROUP_TAG] = False
+
+    # ------------------------------------------------------------------ torchmetrics contract: dtype and device moves
+    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
+        """Apply ``fn`` as torchmetrics does, except to what must stay float64 and only follows the device.
+
+        The decayed states and the scale exponent accumulate in float64 whatever ``set_dtype`` or ``.to(dtype)`` asks
+        for (a round trip through half precision would round them), the group tag keeps its NaN, and the cached
+        ``compute``/``forward`` values are not rounded either (torchmetrics converts them with ``fn``).
+        """
+        excluded = (exclude_state,) if isinstance(exclude_state, str) else tuple(exclude_state)
+        cached = {key: self.__dict__.get(key) for key in ("_computed", "_forward_cache")}
+        own = (*self.__dict__.get("_decay_masks", {}), _SCALE, _GROUP_TAG)
+        this = super()._apply(fn, (*excluded, *own))
+        if isinstance(this, DecayedSumMetric):
+            for key, value in cached.items():
+                if value is not None:
+                    setattr(this, key, apply_to_collection(value, Tensor, _follow_device, this.device))
+            for name in own:
+                if name in excluded or name not in this._defaults:
+                    continue
+                if name == _GROUP_TAG:
+                    value = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+                else:
+                    value = getattr(this, name).to(device=this.device)
+                setattr(this, name, value)
+                default = this._defaults[name]
+                if isinstance(default, Tensor):
+                    this._defaults[name] = default.to(device=this.device)
+            this._factor_cache.clear()
+        return this
+
+    # ------------------------------------------------------------------ torchmetrics contract: pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the per-device caches (they are rebuilt on first use)."""
+        state = super().__getstate__()
+        state["_factor_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle with private copies of the states.
+
+        ``torch.multiprocessing`` (``ddp_spawn``, ``mp.spawn``) unpickles tensors into memory *shared* with the
+        parent and the sibling processes. The states are updated in place, so each process must own its copy.
+        """
+        super().__setstate__(state)
+        for name, default in self._defaults.items():
+            if isinstance(default, Tensor):
+                self._defaults[name] = default.clone()
+                setattr(self, name, getattr(self, name).clone())
+
+    # ------------------------------------------------------------------ persistence
+    def get_extra_state(self) -> dict[str, Any]:
+        """Tick count, replica flag and counters, saved in ``state_dict`` next to the tensor states."""
+        # While synced (inside `sync_context`) the states are the pooled ones: save the pooled counters with them.
+        counters = self._counters_for_compute()
+        return {
+            "format": _EXTRA_STATE_FORMAT,
+            "ticks": self._ticks,
+            "alpha": self._alpha,
+            "replica": self._replica or self._is_synced,
+            **counters,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        if not isinstance(state, dict):
+            raise TypeError(f"Expected the extra state of {type(self).__name__} to be a dict, but got {state!r}")
+        saved_alpha = state.get("alpha")
+        if saved_alpha is not None and not math.isclose(float(saved_alpha), self._alpha, rel_tol=1e-12):
+            warnings.warn(
+                f"{type(self).__name__}: loading a state saved with alpha={saved_alpha!r} into a metric with"
+                f" alpha={self._alpha!r}; the past keeps its decay and the new alpha applies from now on.",
+                UserWarning,
+                stacklevel=2,
+            )
+        counters = {k: int(v) for k, v in state.items() if k not in ("format", "ticks", "alpha", "replica")}
+        self._set_bookkeeping(int(state.get("ticks", 0)), bool(state.get("replica", False)), counters)
+
+    def _set_bookkeeping(self, ticks: int, replica: bool, counters: dict[str, int]) -> None:
+        """The tick count, the replica flag and the counters of a loaded state (the one place that sets them)."""
+        d = self.__dict__
+        d["_ticks"], d["_replica"] = ticks, replica
+        d["_renorm_at"] = ticks + self._renorm_every
+        d["_update_count"] = max(d["_update_count"], ticks)
+        self._set_extra_counters(counters)
+        d["_computed"] = None
+
+    def _saves_states(self) -> bool:
+        """Whether ``state_dict`` holds the decayed states (see :meth:`torchmetrics.Metric.persistent`)."""
+        return any(self._persistent[name] for name in self._state_names())
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The tick count and counters travel only with the states they describe: `persistent(False)` saves nothing.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._saves_states():
+            destination.pop(prefix + EXTRA_STATE_KEY, None)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Check this metric's entries of ``state_dict``, then load them as torchmetrics and torch do.
+
+        Refused entries are reported in ``error_msgs`` the way torch reports them (``load_state_dict`` then raises one
+        ``RuntimeError`` listing them all) and nothing is loaded, so a refused state dict leaves the metric as it was.
+        Missing states are reported in ``missing_keys`` (torchmetrics does not), except the optional ones; the tick
+        count and counters are neither loaded nor reported missing without the states they count (a
+        ``persistent(False)`` metric saves none). The compute-group tag is never loaded.
+        """
+        state_dict.pop(prefix + _GROUP_TAG, None)
+        names = self._state_names()
+        current = {name: getattr(self, name) for name in names}
+        errors = state_errors(state_dict, prefix, current, names)
+        errors += extra_state_errors(state_dict, prefix, type(self).__name__, self._extra_counters())
+        if errors:
+            error_msgs.extend(errors)
+            return
+        present = [name for name in names if prefix + name in state_dict]
+        optional = self._optional_states()
+        counted = [name for name in present if name not in optional]
+        if not counted:  # counters without the states they count (an older `persistent(False)` state dict)
+            state_dict.pop(prefix + EXTRA_STATE_KEY, None)
+        # A checkpoint is usually loaded on the CPU: keep each state on the metric's device and dtype.
+        for key in self._defaults:
+            name = prefix + key
+            if name in state_dict and isinstance(state_dict[name], Tensor):
+                value = getattr(self, key)
+                state_dict[name] = state_dict[name].to(device=value.device, dtype=value.dtype).clone()
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # torchmetrics does not report missing states; torch does (load_state_dict raises under strict=True)
+        missing = [prefix + n for n in names if self._persistent[n] and n not in present and n not in optional]
+        if not counted:  # the states are reported missing, or are not saved at all: not their counters as well
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + EXTRA_STATE_KEY]
+        missing_keys.extend(missing)
+        self._computed = None
+
+    # ------------------------------------------------------------------ the sync interface (ema_metrics._sync)
+    def sync_state(self) -> _sync.SyncState:
+        """What the sync reads of this metric: its decayed states (not copies), masks, scale, ticks and counters.
+
+        This is the whole interface between a metric and :mod:`ema_metrics._sync` (its ``Poolable`` protocol); the
+        Lightning callback's checkpoint rows read it too.
+        """
+        return _sync.SyncState(
+            kind=type(self).__qualname__,
+            config=self._sync_config(),
+            states={n: getattr(self, n) for n in self._state_names()},
+            masks=self._masks(),
+            scale=self.scale,
+            ticks=self._ticks,
+            replica=self._replica,
+            counters=self._extra_counters(),
+        )
+
+    def load_sync_state(self, pooled: _sync.Pooled, replica: bool) -> None:
+        """Hold ``pooled`` (states, scale, tick count, counters), for example the pooled state of every rank.
+
+        Args:
+            pooled: a state of this metric's layout, such as :func:`ema_metrics._sync.pool` returns.
+            replica: whether every rank holds this same pooled state (then a sync counts it once, and the first tick
+                keeps it on rank 0 only).
+
+        """
+        for name, value in pooled.states.items():
+            setattr(self, name, value)
+        setattr(self, _SCALE, pooled.scale)
+        self._set_bookkeeping(pooled.ticks, replica, pooled.counters)
+
+    # ------------------------------------------------------------------ pooling: torchmetrics' sync hooks
+    def _sync_dist(
+        self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any | None = None
+    ) -> None:
+        """Pool the states of all ranks (see :mod:`ema_metrics._sync`: one collective for small states).
+
+        The checks run before any state is touched: a failed sync leaves the local states as they were (torchmetrics
+        only restores them on ``unsync``, which does not run when the sync raises).
+        """
+        (pooled,) = _sync.pool([self], process_group or self.process_group, gather=dist_sync_fn)
+        for name, value in pooled.states.items():
+            setattr(self, name, value)
+        setattr(self, _SCALE, pooled.scale)
+        self._synced_counters = pooled.counters
+
+    def unsync(self, should_unsync: bool = True) -> None:
+        """Restore the local states after a sync (see :meth:`torchmetrics.Metric.unsync`)."""
+        super().unsync(should_unsync)
+        if should_unsync:
+            self._synced_counters = None
+
+    def _counters_for_compute(self) -> dict[str, int]:
+        synced = self.__dict__.get("_synced_counters")
+        return synced if synced is not None and self._is_synced else self._extra_counters()
+
+    def _should_sync_forward(self) -> bool:
+        flag = self.sync_on_forward
+        if flag is None:
+            flag = self.dist_sync_on_step
+        return bool(flag) and self.distributed_available_fn()
+
+    def _value_of(self, pooled: _sync.Pooled) -> Any:
+        """The value of a pooled state, after the checks ``compute`` makes."""
+        return self._value_from_states(pooled.states, counters=pooled.counters, check=True)
+
+    def _synced_forward_value(self) -> Any:
+        (pooled,) = _sync.pool([self], self.process_group)
+        return self._value_of(pooled)
+
+    # ------------------------------------------------------------------ pooling: merge_state
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Pool another metric's state into this one, as a sync across two ranks would (torchmetrics >= 1.6).
+
+        Args:
+            incoming_state: an EMA metric of the same class and configuration that ticked as many times, or a
+                ``state_dict()`` of one (its tick count and counters come with it; a bare dict of its states is
+                taken to have ticked as many times as this metric, with no counters).
+
+        Raises:
+            TypeError: If ``incoming_state`` is neither.
+            ValueError: If the two differ in class, configuration, state layout or tick count.
+
+        Example:
+            >>> from ema_metrics import EMAMetric
+            >>> a, b = EMAMetric(alpha=0.5), EMAMetric(alpha=0.5)
+            >>> for step, (x, y) in enumerate([(1.0, 3.0), (2.0, 6.0)]):
+            ...     _ = a(x), b(y)
+            >>> a.merge_state(b)
+            >>> print(f"pooled={a.compute():.4f} ticks={a.ticks}")
+            pooled=3.3333 ticks=2
+
+        """
+        mine, theirs = self.sync_state(), self._merge_source(incoming_state).sync_state()
+        rows = torch.stack([_sync.flat(mine), _sync.flat(theirs)])
+        scales = [float(mine.effective_scale()), float(theirs.effective_scale())]
+        pooled = _sync.pool_rows(mine, rows, scales, replica=False)
+        pooled.ticks = mine.ticks
+        pooled.counters = {k: v + theirs.counters[k] for k, v in mine.counters.items()}
+        self.load_sync_state(pooled, replica=False)
+
+    def _merge_source(self, incoming: Any) -> DecayedSumMetric:
+        """The metric to merge from: ``incoming`` itself, or a copy of this metric loaded with the incoming state."""
+        name = type(self).__name__
+        if isinstance(incoming, dict):
+            other = self.clone()
+            other.reset()
+            if EXTRA_STATE_KEY not in incoming:
+                incoming = {**incoming, EXTRA_STATE_KEY: {"ticks": self.ticks}}
+            missing = [n for n in self._state_names() if n not in incoming]
+            if missing:
+                raise ValueError(f"{name}.merge_state: the incoming state has no {missing}")
+            try:
+                other.load_state_dict({k: v for k, v in incoming.items() if k != _GROUP_TAG}, strict=False)
+            except RuntimeError as err:
+                raise ValueError(f"{name}.merge_state: the incoming state does not fit this metric: {err}") from err
+            incoming = other
+        if not isinstance(incoming, DecayedSumMetric):
+            raise TypeError(
+                f"Expected argument `incoming_state` to be an EMA metric or a dict of its states, but got"
+                f" {type(incoming).__name__}"
+            )
+        if _sync.fingerprint(incoming) != _sync.fingerprint(self):
+            raise ValueError(
+                f"{name}.merge_state: the incoming {type(incoming).__name__} differs in class, configuration"
+                f" ({incoming._sync_config()} vs {self._sync_config()}) or state layout; only identical EMAs pool"
+            )
+        if incoming.ticks != self.ticks or incoming.in_tick or self.in_tick:
+            raise ValueError(
+                f"{name}.merge_state: the two metrics ticked {self.ticks} and {incoming.ticks} times (or one has an"
+                " open tick); only states of the same tick can be pooled"
+            )
+        return incoming

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
-from ema_metrics._inputs import shown
+from ema_metrics.utilities.inputs import shown
 
 __all__ = ["RankValues", "find_ema_metrics", "sum_ranks", "synced_values", "synced_values_by_rank", "tick"]
 
@@ -206,8 +207,6 @@ def find_ema_metrics(*objs: DecayedSumMetric | torch.nn.Module) -> list[DecayedS
         2
 
     """
-    from torchmetrics import Metric
-
     out: list[DecayedSumMetric] = []
     seen: set[int] = set()
     for obj in objs:

@@ -1,14 +1,19 @@
-"""Pack, validate and pool the states of EMA metrics across ranks: the one place every sync goes through.
+"""The sync protocol of EMA metrics: pack, check and pool their states across ranks, in one place.
 
-``compute``, :func:`~ema_metrics.synced_values`, a synced ``forward``, ``merge_state`` and the Lightning callback all
-pool through :func:`pool`. A sync is:
+``compute``, :func:`~ema_metrics.synced_values`, a synced ``forward``, ``merge_state``, the Lightning callback's step
+sync and its checkpoint rows all pool through this module. It reads a metric only through the :class:`Poolable`
+interface: one method, ``sync_state()``, that returns a :class:`SyncState` (the decayed states, their decay masks,
+the scale exponent, the tick count, the replica flag, the counters and the configuration). Everything below takes
+those tensors and numbers, never a metric's private attributes, so this module imports no metric class.
+
+A sync is:
 
 1. **One fixed-size ``all_gather``** of ``INLINE`` float64 values per rank: a header, then for each metric a
    descriptor (a fingerprint of its class, configuration and state layout; its tick count; whether it holds a pooled
    replica; its stored scale exponent; its summed counters), then, when they fit, the states themselves. The size never
    depends on the metrics, so ranks whose metrics differ (another ``alpha``, ``num_classes`` or number of metrics)
-   cannot wait in collectives of different sizes: every rank sees every descriptor, runs the same checks on the same
-   data and raises the same error.
+   cannot wait in collectives of different sizes: every rank sees every descriptor, runs the same checks (:func:`check`)
+   on the same data and raises the same error.
 2. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`, 7 values each with their
    descriptor) travel inside that one collective: one collective per sync, and every rank's own state is known.
 3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
@@ -20,32 +25,48 @@ The descriptors carry each rank's *stored* exponent, so no sync takes a pass ove
 Only when a rank holds renormalized states are the exact exponents needed: from the gathered rows when the states
 travelled inline, else by one more small ``all_gather``.
 
-A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics._decay`): pooling aligns every rank to the
-largest exponent, so it is exact (float64 rounding) whatever each rank rescaled. The descriptors are read on the host
-once per sync; the arithmetic on the gathered rows is :mod:`ema_metrics._sync_rows`, the checks
-:mod:`ema_metrics._sync_check`.
+A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics.utilities.decay`): pooling aligns every
+rank to the largest exponent (:func:`pool_rows_at`, also used for checkpoint rows and ``merge_state``), so it is exact
+(float64 rounding) whatever each rank rescaled. The descriptors are read on the host once per sync.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from ema_metrics import _decay
-from ema_metrics._sync_check import HEADER, MAGIC, check, fingerprint, hash_of
-from ema_metrics._sync_rows import Pooled, common_scale, flat, flat_parts, mask, pool_rows_at, size, split
+from ema_metrics.utilities import decay
 
-if TYPE_CHECKING:
-    from ema_metrics._base import DecayedSumMetric
-
-__all__ = ["INLINE", "check_alike", "local_vector", "pool"]
+__all__ = [
+    "HEADER",
+    "INLINE",
+    "MAGIC",
+    "Poolable",
+    "Pooled",
+    "SyncState",
+    "check",
+    "check_alike",
+    "common_scale",
+    "fingerprint",
+    "flat",
+    "local_vector",
+    "pool",
+    "pool_rows",
+    "pool_rows_at",
+    "rank",
+    "ready",
+    "split",
+    "world",
+]
 
 _F64 = torch.float64
 #: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
@@ -53,8 +74,232 @@ _F64 = torch.float64
 #: 1024 ranks). ``benchmarks/bench_sync.py`` finds one gather cheaper than the two-collective path up to about 1e4
 #: values at 2 and 4 processes, but a larger ``INLINE`` would make every small sync pay for it at every world size.
 INLINE = 1024
+MAGIC = 20251126.0
+HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
 
 
+# ---------------------------------------------------------------------------------------------- the interface
+@dataclass
+class SyncState:
+    """What a sync reads of one metric (its states are the metric's own tensors, not copies).
+
+    Attributes:
+        kind: the metric's class (qualified name); only metrics of one kind pool.
+        config: what else must agree between ranks (alpha, adjust, nan_strategy, ...).
+        states: the decayed states by name, in sync order.
+        masks: for each state, which entries decay (``None``: all of them; the others are counters, never rescaled).
+        scale: the power-of-two exponent the decayed entries are stored at (a 0-d float64 tensor, at most 0).
+        ticks: completed ticks.
+        replica: whether the states are the pooled state of all ranks, identical on each (counted once).
+        counters: Python-side counters, summed across ranks.
+
+    """
+
+    kind: str
+    config: tuple[Any, ...]
+    states: dict[str, Tensor]
+    masks: list[Tensor | None]
+    scale: Tensor
+    ticks: int
+    replica: bool
+    counters: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        """How many values the decayed states hold together."""
+        return sum(s.numel() for s in self.states.values())
+
+    def flat_mask(self, device: torch.device) -> Tensor:
+        """Which of the flattened values decay (the others are counters, never rescaled)."""
+        parts = [
+            torch.ones(s.numel(), dtype=torch.bool, device=device) if m is None else m.reshape(-1).to(device)
+            for s, m in zip(self.states.values(), self.masks, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def effective_scale(self, states: Sequence[Tensor] | None = None, scale: Tensor | None = None) -> Tensor:
+        """The exponent ``states`` (default: the metric's) are at: 0 once data arrived, -inf when empty."""
+        values = list(self.states.values()) if states is None else list(states)
+        return decay.effective_scale(values, self.masks, self.scale if scale is None else scale)
+
+
+class Poolable(Protocol):
+    """What the sync needs of a metric: its :class:`SyncState`."""
+
+    def sync_state(self) -> SyncState:
+        """The metric's states and bookkeeping, as the sync reads them."""
+        ...
+
+
+@dataclass
+class Pooled:
+    """The pooled state of one metric: decayed states (mantissas at ``scale``), tick count and summed counters."""
+
+    states: dict[str, Tensor]
+    scale: Tensor
+    ticks: int
+    counters: dict[str, int]
+    ranks: list[dict[str, Tensor]] | None = None  # each rank's own states (at scale 0 or its own), when inline
+
+
+# ---------------------------------------------------------------------------------------------- torch.distributed
+def ready(group: Any = None) -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank in ``group`` (default: the world)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 without a process group)."""
+    return dist.get_rank(group) if ready(group) else 0
+
+
+def world(group: Any = None) -> int:
+    """The number of ranks in ``group`` (1 without a process group)."""
+    return dist.get_world_size(group) if ready(group) else 1
+
+
+# ---------------------------------------------------------------------------------------------- layout and checks
+def fingerprint(metric: Poolable | SyncState) -> float:
+    """A 48-bit hash (exact in float64) of what must agree between ranks: class, configuration, state layout."""
+    s = metric if isinstance(metric, SyncState) else metric.sync_state()
+    layout = tuple((n, tuple(t.shape)) for n, t in s.states.items())
+    return _hash_of((s.kind, s.config, layout, tuple(s.counters)))
+
+
+def _hash_of(obj: tuple[object, ...]) -> float:
+    """A 48-bit hash of ``repr(obj)``, exact in float64 (so it travels in a float64 collective); memoized."""
+    try:
+        return _memo(obj)
+    except TypeError:  # an unhashable part (a subclass's configuration, say): no memo
+        return _digest(obj)
+
+
+def _digest(obj: object) -> float:
+    return float(int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=6).digest(), "big"))
+
+
+_memo = functools.lru_cache(maxsize=1024)(_digest)
+
+
+def check(rows: list[list[float]], kinds: Sequence[str], inline: int) -> None:
+    """The same checks on every rank, from the same gathered descriptors (one row per rank): the same error.
+
+    Args:
+        rows: at least the header and the descriptors of every rank's first collective (``inline`` values each).
+        kinds: the class (qualified name) of each metric, for the messages.
+        inline: the size of the first collective.
+
+    Raises:
+        RuntimeError: If the ranks differ in anything the descriptors hold.
+
+    """
+    n = len(kinds)
+    head = [row[:HEADER] for row in rows]
+    if any(h[0] != MAGIC for h in head):
+        raise RuntimeError("EMA metrics sync: a rank sent no EMA metric state (was another collective in flight?)")
+    if any(h[1:] != head[0][1:] for h in head):
+        counts = [int(h[1]) for h in head]
+        raise RuntimeError(
+            f"EMA metrics sync: the ranks sync different metrics (metrics per rank: {counts}), or"
+            " metrics of another class, configuration (alpha, adjust, nan_strategy) or state layout (such as"
+            " num_classes). Every rank must sync the same metrics, configured alike, in the same order."
+        )
+    if any(HEADER + h[3] > inline for h in head):
+        raise RuntimeError(
+            f"EMA metrics sync: {int(head[0][1])} metrics need {int(head[0][3])} descriptor values, more than one sync"
+            f" carries ({inline - HEADER}); sync them in several calls (for example several synced_values calls)"
+        )
+    ticks = [row[HEADER + n : HEADER + 2 * n] for row in rows]
+    replica = [row[HEADER + 2 * n : HEADER + 3 * n] for row in rows]
+    for i, kind in enumerate(kinds):
+        name = kind.rsplit(".", 1)[-1]
+        per_rank = [int(row[i]) for row in ticks]
+        if len(set(per_rank)) > 1:
+            raise RuntimeError(
+                f"{name}: ranks ticked different numbers of times ({per_rank}); the decayed sums of the"
+                " ranks cannot be added. Every rank must call update/forward (or begin_tick/end_tick) the same number"
+                " of times; pass weight=0 on a rank without data."
+            )
+        flags = [bool(row[i]) for row in replica]
+        if len(set(flags)) > 1:
+            raise RuntimeError(
+                f"{name}: some ranks hold a pooled replica of the state and others a rank-local state"
+                f" ({flags}); the states cannot be pooled. Load the same checkpoint on every rank, or reset the metric."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- flat vectors
+def _flat_parts(states: Sequence[SyncState]) -> list[Tensor]:
+    """The decayed states as flat float64 tensors (views where they are float64 already), in sync order."""
+    return [t.reshape(-1).to(_F64) for s in states for t in s.states.values()]
+
+
+def flat(*states: SyncState) -> Tensor:
+    """The decayed states, flattened into one fresh float64 vector (one copy)."""
+    return torch.cat(_flat_parts(states))
+
+
+def split(state: SyncState, values: Tensor) -> dict[str, Tensor]:
+    """A flat vector of a metric's states as named states of their own shapes (views, on the states' device)."""
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name, local in state.states.items():
+        # a view of the fresh buffer (no copy); torch.save and pickling store a shared buffer once
+        out[name] = values[offset : offset + local.numel()].reshape(local.shape).to(device=local.device)
+        offset += local.numel()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pooling arithmetic
+def common_scale(scales: Sequence[float]) -> float:
+    """The largest exponent of the ranks that hold something (0 if none does)."""
+    finite = [v for v in scales if not math.isinf(v)]
+    return max(finite) if finite else 0.0
+
+
+def pool_rows(state: SyncState, rows: Tensor, scales: Sequence[float], replica: bool) -> Pooled:
+    """Pool per-rank states held here (checkpoint rows, ``merge_state``): the arithmetic of a sync, no collective.
+
+    Args:
+        state: the metric's sync state (its layout and masks).
+        rows: ``(ranks, state.size)`` flat states.
+        scales: each row's effective exponent (``-inf`` where it holds nothing).
+        replica: whether every row is the same pooled replica (then it counts once).
+
+    """
+    return pool_rows_at(state, rows, list(scales), common_scale(scales), replica, with_ranks=False)
+
+
+def pool_rows_at(
+    state: SyncState,
+    rows: Tensor,
+    scales: list[float],
+    common: float,
+    replica: bool,
+    with_ranks: bool,
+    plain_sum: Tensor | None = None,
+) -> Pooled:
+    """Pool one metric's per-rank ``rows`` at exponents ``scales``; ``plain_sum`` is their sum, when already taken."""
+    if replica:
+        common = 0.0 if math.isinf(scales[0]) else scales[0]
+        summed = rows[0].clone()
+    elif all(v == common for v in scales):  # every rank at the same exponent: a plain sum
+        summed = rows.sum(dim=0) if plain_sum is None else plain_sum
+    else:
+        exponents = torch.tensor([v - common for v in scales], dtype=_F64, device=rows.device)  # -inf: holds nothing
+        mask = state.flat_mask(rows.device)
+        summed = torch.where(mask, rows * torch.exp2(exponents).unsqueeze(1), rows).sum(dim=0)
+    pooled = Pooled(
+        states=split(state, summed), scale=torch.tensor(common, dtype=_F64, device=rows.device), ticks=0, counters={}
+    )
+    if common < 0:  # only a pooled state of metrics without data needs its frame restored
+        decay.canonical_(list(pooled.states.values()), state.masks, pooled.scale)
+    if with_ranks:
+        pooled.ranks = [split(state, row) for row in rows]
+    return pooled
+
+
+# ---------------------------------------------------------------------------------------------- the sync
 @dataclass
 class _Local:
     """What this rank sends in the first collective, and how to read the gathered rows."""
@@ -66,36 +311,39 @@ class _Local:
     inline: bool
 
 
-def local_vector(metrics: Sequence[DecayedSumMetric]) -> _Local:
+def local_vector(metrics: Sequence[Poolable] | Sequence[SyncState]) -> _Local:
     """This rank's part of the first collective of a sync of ``metrics`` (``INLINE`` float64 values).
 
     The layout: the header; then for each metric its fingerprint, tick count and replica flag; every metric's counters;
     each metric's stored exponent; then, when they fit, the states. Everything known on the host goes into one tensor.
     """
-    device = _device(metrics)
-    n = len(metrics)
-    counters = [[float(v) for v in m._extra_counters().values()] for m in metrics]
-    sizes = [size(m) for m in metrics]
+    states = _states_of(metrics)
+    device = states[0].scale.device
+    n = len(states)
+    counters = [[float(v) for v in s.counters.values()] for s in states]
+    sizes = [s.size for s in states]
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = HEADER + n_desc + sum(sizes) <= INLINE
-    prints = tuple(fingerprint(m) for m in metrics)
-    host = [MAGIC, float(n), hash_of(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
+    prints = tuple(fingerprint(s) for s in states)
+    host = [MAGIC, float(n), _hash_of(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
     fits = HEADER + n_desc <= INLINE  # else too many metrics for one sync: every rank learns it from the header
     parts: list[Tensor] = []
     if fits:
-        host += [*prints, *(float(m._ticks) for m in metrics), *(float(m._replica) for m in metrics)]
+        host += [*prints, *(float(s.ticks) for s in states), *(float(s.replica) for s in states)]
         host += [c for cs in counters for c in cs]
-        parts = [m.scale.reshape(1) for m in metrics]  # the stored exponents: no pass over the states (see pool)
+        parts = [s.scale.reshape(1) for s in states]  # the stored exponents: no pass over the states (see pool)
         if inline:
-            parts += flat_parts(metrics)
+            parts += _flat_parts(states)
     tail = torch.zeros(INLINE - len(host) - sum(p.numel() for p in parts), dtype=_F64, device=device)
     vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
     return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline)  # inline implies fits
 
 
-def pool(
-    metrics: Sequence[DecayedSumMetric], group: Any = None, with_ranks: bool = False, gather: Any = None
-) -> list[Pooled]:
+def _states_of(metrics: Sequence[Poolable] | Sequence[SyncState]) -> list[SyncState]:
+    return [m if isinstance(m, SyncState) else m.sync_state() for m in metrics]
+
+
+def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = False, gather: Any = None) -> list[Pooled]:
     """Pool every metric's state over the ranks of ``group``: one collective when the states are small.
 
     Every rank must call this with the same metrics in the same order; the metrics are not changed. Without an
@@ -115,87 +363,90 @@ def pool(
     """
     if not metrics:
         return []
-    n = len(metrics)
+    states = _states_of(metrics)
+    n = len(states)
     gather = None if gather is gather_all_tensors else gather  # torchmetrics' default: a plain all_gather
-    local = local_vector(metrics)
+    local = local_vector(states)
     summands: Tensor | None = None
     if local.inline or gather is not None:
         gathered = _gather(local.vector, group, gather)
     else:  # the states to sum are copied while the descriptors travel
-        gathered, summands = _gather_while(local.vector, group, lambda: flat(*metrics))
+        gathered, summands = _gather_while(local.vector, group, lambda: flat(*states))
     desc = gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist()  # every rank's descriptors, on the host once
-    check(desc, metrics, INLINE)
+    check(desc, [s.kind for s in states], INLINE)
     rows_all: Tensor | None = None
     if local.inline:
         rows_all = gathered[:, HEADER + local.n_desc : HEADER + local.n_desc + sum(local.sizes)]
     elif gather is not None:
-        rows_all = _gather(flat(*metrics), group, gather)
+        rows_all = _gather(flat(*states), group, gather)
     at = HEADER + local.n_desc - n
     scale_rows = [row[at : at + n] for row in desc]  # (world, n): each rank's exponent of each metric
     if any(v != 0 for row in scale_rows for v in row):
         # a rank holds renormalized states (no data for thousands of ticks): whether each rank holds anything, and at
         # which exponent, takes a pass over the states, and one more small collective when they did not travel here
-        scale_rows = _exact_scales(metrics, rows_all, scale_rows, group, gather)
+        scale_rows = _exact_scales(states, rows_all, scale_rows, group, gather)
     replicas = [desc[0][HEADER + 2 * n + i] == 1 for i in range(n)]
     per_metric = [[row[i] for row in scale_rows] for i in range(n)]
     commons = [common_scale(scales) for scales in per_metric]
-    summed = None if summands is None else _reduce(metrics, summands, scale_rows, commons, replicas, group)
+    summed = None if summands is None else _reduce(states, summands, scale_rows, commons, replicas, group)
     plain = not any(replicas) and all(v == c for vs, c in zip(per_metric, commons, strict=True) for v in vs)
     plain_sum = rows_all.sum(dim=0) if rows_all is not None and plain else None  # the usual case: one sum for all
     out, start, at = [], 0, HEADER + 3 * n
-    for i, m in enumerate(metrics):
+    for i, s in enumerate(states):
         counted = [row[at : at + local.counters[i]] for row in (desc[:1] if replicas[i] else desc)]
         at += local.counters[i]
         replica, common, part = replicas[i], commons[i], slice(start, start + local.sizes[i])
         if rows_all is not None:
             total = None if plain_sum is None else plain_sum[part]
-            pooled = pool_rows_at(m, rows_all[:, part], per_metric[i], common, replica, with_ranks, total)
+            pooled = pool_rows_at(s, rows_all[:, part], per_metric[i], common, replica, with_ranks, total)
         else:
             assert summed is not None
-            scale = scale_rows[_rank(group)][i] if replica else common
+            scale = scale_rows[rank(group)][i] if replica else common
             scale = 0.0 if math.isinf(scale) else scale
-            states = split(m, summed[part])
             pooled = Pooled(
-                states=states, scale=torch.tensor(scale, dtype=_F64, device=summed.device), ticks=0, counters={}
+                states=split(s, summed[part]),
+                scale=torch.tensor(scale, dtype=_F64, device=summed.device),
+                ticks=0,
+                counters={},
             )
             if scale < 0:  # only a pooled state of metrics without data needs its frame restored
-                m._canonical(pooled.states, pooled.scale)
+                decay.canonical_(list(pooled.states.values()), s.masks, pooled.scale)
         start += local.sizes[i]
         pooled.ticks = int(desc[0][HEADER + n + i])
         columns = zip(*counted, strict=True)
-        pooled.counters = {k: int(sum(col)) for k, col in zip(m._extra_counters(), columns, strict=True)}
+        pooled.counters = {k: int(sum(col)) for k, col in zip(s.counters, columns, strict=True)}
         out.append(pooled)
     return out
 
 
 def _exact_scales(
-    metrics: Sequence[DecayedSumMetric], rows_all: Tensor | None, stored: list[list[float]], group: Any, gather: Any
+    states: Sequence[SyncState], rows_all: Tensor | None, stored: list[list[float]], group: Any, gather: Any
 ) -> list[list[float]]:
     """Each rank's effective exponent of each metric (``-inf`` if it holds nothing), from the rows or gathered."""
     if rows_all is None:
-        scales = torch.stack([m._effective_scale() for m in metrics])
+        scales = torch.stack([s.effective_scale() for s in states])
         gathered: list[list[float]] = _gather(scales, group, gather).tolist()
         return gathered
     out, start = [list(row) for row in stored], 0
-    for i, m in enumerate(metrics):
-        for rank, row in enumerate(rows_all[:, start : start + size(m)]):
-            states = list(split(m, row).values())
-            scale = torch.tensor(stored[rank][i], dtype=_F64, device=row.device)
-            out[rank][i] = float(_decay.effective_scale(states, m._masks(), scale))
-        start += size(m)
+    for i, s in enumerate(states):
+        for r, row in enumerate(rows_all[:, start : start + s.size]):
+            scale = torch.tensor(stored[r][i], dtype=_F64, device=row.device)
+            out[r][i] = float(s.effective_scale(list(split(s, row).values()), scale))
+        start += s.size
     return out
 
 
-def check_alike(metrics: Sequence[DecayedSumMetric], group: Any = None) -> None:
+def check_alike(metrics: Sequence[Poolable], group: Any = None) -> None:
     """Only the checks of a sync (its first, fixed-size collective): the same error on every rank if they differ."""
     if metrics:
-        local = local_vector(metrics)
+        states = _states_of(metrics)
+        local = local_vector(states)
         gathered = _gather(local.vector, group, None)
-        check(gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist(), metrics, INLINE)
+        check(gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist(), [s.kind for s in states], INLINE)
 
 
 def _reduce(
-    metrics: Sequence[DecayedSumMetric],
+    states: Sequence[SyncState],
     summands: Tensor,
     scales: list[list[float]],
     commons: list[float],
@@ -207,29 +458,21 @@ def _reduce(
     A rank's states are rescaled to the common exponent first, only where it differs (usually every rank is at 0). A
     pooled replica (every rank holds the same pooled state) keeps this rank's copy.
     """
-    rank, at, kept = _rank(group), 0, []
-    for i, m in enumerate(metrics):
-        part = summands[at : at + size(m)]
-        mine = scales[rank][i]
+    me, at, kept = rank(group), 0, []
+    for i, s in enumerate(states):
+        part = summands[at : at + s.size]
+        mine = scales[me][i]
         if replicas[i]:
             kept.append((part, part.clone()))
         elif mine != commons[i]:
             factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
-            part.copy_(torch.where(mask(m, part.device), part * factor, part))
+            part.copy_(torch.where(s.flat_mask(part.device), part * factor, part))
         at += part.numel()
-    if _ready(group) and len(kept) < len(metrics):
+    if ready(group) and len(kept) < len(states):
         dist.all_reduce(summands, op=dist.ReduceOp.SUM, group=group)
         for part, copy in kept:
             part.copy_(copy)
     return summands
-
-
-def _ready(group: Any) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _rank(group: Any) -> int:
-    return dist.get_rank(group) if _ready(group) else 0
 
 
 def _gather(local: Tensor, group: Any, gather: Any) -> Tensor:
@@ -240,7 +483,7 @@ def _gather(local: Tensor, group: Any, gather: Any) -> Tensor:
 
 def _gather_while(local: Tensor, group: Any, meanwhile: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
     """Every rank's ``local``, stacked, and what ``meanwhile`` returns, run while the ``all_gather`` is in flight."""
-    if not _ready(group):
+    if not ready(group):
         return local.unsqueeze(0), None if meanwhile is None else meanwhile()
     out = local.new_empty((dist.get_world_size(group), local.numel()))
     work = dist.all_gather(list(out.unbind(0)), local, group=group, async_op=meanwhile is not None)
@@ -248,8 +491,3 @@ def _gather_while(local: Tensor, group: Any, meanwhile: Callable[[], Tensor] | N
     if work is not None:
         work.wait()
     return out, done
-
-
-def _device(metrics: Sequence[DecayedSumMetric]) -> torch.device:
-    state: Tensor = getattr(metrics[0], metrics[0]._state_names()[0])
-    return state.device

@@ -11,11 +11,11 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised by the packag
         " (or install `ema_metrics[lightning]` and use ema_metrics.lightning)"
     ) from err
 
-from ema_metrics._callback import _EMAMetricsCallbackLogic
+from ema_metrics.integrations.lightning.callback import EMAMetricsCallbackBase
 
 __all__ = ["EMAMetricsCallback"]
 
 
-class EMAMetricsCallback(_EMAMetricsCallbackLogic, Callback):  # type: ignore[misc]  # noqa: D101
-    __doc__ = _EMAMetricsCallbackLogic.__doc__
+class EMAMetricsCallback(EMAMetricsCallbackBase, Callback):  # type: ignore[misc]  # noqa: D101
+    __doc__ = EMAMetricsCallbackBase.__doc__
     _pl = _pl

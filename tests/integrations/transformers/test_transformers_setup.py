@@ -16,8 +16,8 @@ pytest.importorskip("transformers", reason="the Trainer tests need `ema_metrics[
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from ema_metrics import EMAMetric
-from ema_metrics._hf_internals import loss_shifts_labels
-from ema_metrics._hf_state import gather_states, restore_states
+from ema_metrics.integrations.transformers.internals import loss_shifts_labels
+from ema_metrics.integrations.transformers.state import gather_states, restore_states
 from ema_metrics.transformers import EMALossCallback
 from tests.hf_worker import VOCAB, make_data
 

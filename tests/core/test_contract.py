@@ -17,8 +17,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.regression import MeanSquaredError
 
-from ema_metrics import EMAMetric, EMAWrapper, _sync, _sync_check, synced_values
-from tests.test_ema_reference import ATOL, RTOL, ema_oracle
+from ema_metrics import EMAMetric, EMAWrapper, _sync, synced_values
+from tests.core.test_ema_reference import ATOL, RTOL, ema_oracle
 
 VALUES = [1.0 / 3.0, 2.0 / 7.0, 5.0 / 11.0]
 
@@ -303,5 +303,5 @@ def test_a_subclass_configuration_that_is_not_hashable_still_syncs() -> None:
         plain.update(x)
     (value,) = synced_values([tagged])
     assert float(value) == float(plain.compute())
-    assert _sync_check.fingerprint(tagged) != _sync_check.fingerprint(plain)
+    assert _sync.fingerprint(tagged) != _sync.fingerprint(plain)
     np.testing.assert_allclose(float(value), ema_oracle([[(1.0, 1.0)], [(4.0, 1.0)]], 0.5)[-1], rtol=RTOL, atol=ATOL)

@@ -21,7 +21,7 @@ import torch
 
 import ema_metrics
 from ema_metrics import EMAMetric, resolve_alpha
-from tests.test_ema_reference import ATOL, RTOL, ema_oracle, pandas_alpha, to_f64
+from tests.core.test_ema_reference import ATOL, RTOL, ema_oracle, pandas_alpha, to_f64
 
 # ----------------------------------------------------------------------------------------------- parametrisation
 
@@ -46,7 +46,7 @@ def test_parametrisation_uses_pandas_formulas(name: str, value: float) -> None:
     metric = EMAMetric(**{name: value})
     expected = pandas_alpha(name, float(value))
     # pandas' `1 - 0.5 ** (1 / half_life)` cancels (relative error about 1e-16 / alpha); the metric uses `-expm1`,
-    # checked to 1e-14 against a 60-digit evaluation in tests/test_extremes.py
+    # checked to 1e-14 against a 60-digit evaluation in tests/core/test_extremes.py
     rel = 1e-12 if name == "half_life" else 1e-14
     assert metric.alpha == pytest.approx(expected, rel=rel, abs=0)
     assert metric.beta == pytest.approx(1.0 - expected, rel=1e-12, abs=1e-16)

@@ -13,8 +13,8 @@ import pytest
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `ema_metrics[lightning]`")
 
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
+from tests.integrations.lightning.test_lightning_acceptance import HALF_LIFE, LOG_EVERY, STEPS, B, RegressionModule  # noqa: E402
 from tests.lightning_helpers import ema_oracle, read_csv_metric, read_records  # noqa: E402
-from tests.test_lightning_acceptance import HALF_LIFE, LOG_EVERY, STEPS, B, RegressionModule  # noqa: E402
 
 EXPECTED_STEPS = [s for s in range(STEPS) if (s + 1) % LOG_EVERY == 0]
 

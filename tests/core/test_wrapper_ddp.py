@@ -2,7 +2,7 @@
 
 Each rank gets its own random batches (sizes differ between ranks, and a rank sometimes has no data for a tick and
 closes an empty tick). The parent computes the float64 numpy oracle of the decayed statistics of all ranks pooled,
-then the metric's formula (see ``tests/test_wrapper.py``). One process group is spawned per world size; every
+then the metric's formula (see ``tests/core/test_wrapper.py``). One process group is spawned per world size; every
 check runs inside it.
 """
 
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ema_metrics import EMAMetric, EMAWrapper, synced_values
+from tests.core.test_wrapper import KINDS, oracle_values
 from tests.ddp_utils import run_ddp
-from tests.test_wrapper import KINDS, oracle_values
 
 pytestmark = pytest.mark.ddp
 

@@ -17,17 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ema_metrics import EMAMetric
+from ema_metrics import _sync
+from ema_metrics.ema import EMAMetric
 
 __all__ = ["gather_states", "restore_states"]
 
 _EXTRA = "_extra_state"
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _encode(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,7 +39,7 @@ def _encode(state: Mapping[str, Any]) -> dict[str, Any]:
 def gather_states(metric: EMAMetric) -> dict[str, Any]:
     """Every rank's ``metric.state_dict()`` as JSON data, gathered with **one** collective (call it on every rank)."""
     mine = _encode(metric.state_dict())
-    world, _ = _world()
+    world = _sync.world()
     ranks: list[Any] = [mine]
     if world > 1:
         ranks = [None] * world
@@ -118,7 +113,7 @@ def restore_states(metric: EMAMetric, saved: Any, where: str) -> None:
     ticks = sorted({state[_EXTRA]["ticks"] for state in states})
     if len(ticks) > 1:
         raise ValueError(f"{where}: the saved ranks ticked different numbers of times ({ticks})")
-    world, rank = _world()
+    world, rank = _sync.world(), _sync.rank()
     if len(states) == world:
         metric.load_state_dict(states[rank])
     else:

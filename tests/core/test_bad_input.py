@@ -17,7 +17,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.regression import MeanSquaredError
 
 from ema_metrics import EMAMetric, EMAWrapper, synced_values, tick
-from tests.test_ema_reference import ATOL, RTOL, ema_oracle
+from tests.core.test_ema_reference import ATOL, RTOL, ema_oracle
 
 HUGE = 10**400  # a Python int beyond the float64 range
 HUGE_SHOWN = re.escape("100000...(401 digits)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-from ema_metrics._inputs import shown
+from ema_metrics.utilities.inputs import shown
 
 __all__ = ["resolve_alpha"]
 

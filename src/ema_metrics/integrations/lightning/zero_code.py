@@ -11,22 +11,32 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from ema_metrics import _lightning_internals as internals
 from ema_metrics.ema import EMAMetric
+from ema_metrics.integrations.lightning import internals
+from ema_metrics.integrations.lightning.options import CallbackOptions
+
+__all__ = ["ZeroCode", "wrap_training_step"]
 
 
 class ZeroCode:
-    """The observation of the ``training_step`` output by ``EMAMetricsCallback`` (its zero-code mode)."""
+    """The observation of the ``training_step`` output, owned by ``EMAMetricsCallback`` for one fit.
 
-    # set by the callback (see CallbackOptions)
-    _pl: ModuleType
-    _own: dict[str, EMAMetric]
-    keys: dict[str, str]
-    weight_key: str | None
-    weight_by_batch_size: bool
-    prog_bar: bool
+    Args:
+        own: the zero-code metrics, by output key.
+        options: the callback's options (``keys``, ``weight_key``, ``weight_by_batch_size``, ``prog_bar``).
+        pl: the Lightning package (for its batch-size inference).
 
-    def _observe(self, pl_module: Any, output: Any, batch: Any) -> None:
+    """
+
+    def __init__(self, own: dict[str, EMAMetric], options: CallbackOptions, pl: ModuleType) -> None:
+        self._own = own
+        self.keys = options.keys
+        self.weight_key = options.weight_key
+        self.weight_by_batch_size = options.weight_by_batch_size
+        self.prog_bar = options.prog_bar
+        self._pl = pl
+
+    def observe(self, pl_module: Any, output: Any, batch: Any) -> None:
         """Zero-code mode: feed one micro-batch's ``training_step`` output to the metrics, and log them."""
         if output is not None:
             outputs = output if isinstance(output, Mapping) else {"loss": output}
@@ -68,7 +78,7 @@ class ZeroCode:
             ) from err
 
 
-def _wrap_training_step(pl_module: Any, observe: Any) -> Any:
+def wrap_training_step(pl_module: Any, observe: Any) -> Any:
     """See each ``training_step`` output as returned (Lightning divides the loss by the accumulation factor later)."""
     original = pl_module.training_step
 

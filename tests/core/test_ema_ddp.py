@@ -56,7 +56,7 @@ GROUPED_METRICS: dict[str, dict[str, Any]] = {
 
 
 def _alpha(kwargs: dict[str, Any]) -> float:
-    from tests.test_ema_reference import pandas_alpha
+    from tests.core.test_ema_reference import pandas_alpha
 
     ((name, value),) = ((k, v) for k, v in kwargs.items() if k in ("alpha", "com", "span", "half_life"))
     return pandas_alpha(name, float(value))
@@ -186,7 +186,7 @@ def _pooled(updates: list[Update]) -> list[tuple[Any, Any]]:
 @pytest.mark.ddp
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_synced_ema_equals_pooled_oracle(world_size: int) -> None:
-    from tests.test_ema_reference import ATOL, RTOL, ema_oracle
+    from tests.core.test_ema_reference import ATOL, RTOL, ema_oracle
 
     single, grouped = _make_plans(world_size, seed=0)
     results = run_ddp(_ddp_worker, world_size, single, grouped)
@@ -226,7 +226,7 @@ def test_synced_ema_equals_pooled_oracle(world_size: int) -> None:
 
 
 def test_synced_values_without_process_group_is_local() -> None:
-    from tests.test_ema_reference import ATOL, RTOL, ema_oracle
+    from tests.core.test_ema_reference import ATOL, RTOL, ema_oracle
 
     a, b = EMAMetric(alpha=0.5), EMAMetric(span=4, adjust=False)
     values = [1.0, -2.0, 4.0]

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from ema_metrics import EMAMetric, _sync
-from tests import sync_workers as w
 from tests.ddp_utils import run_ddp
+from tests.sync import sync_workers as w
 
 SMALL, LARGE = 1024, 24  # first-collective sizes: everything inline, or only the descriptors
 N_CLASSES = 5

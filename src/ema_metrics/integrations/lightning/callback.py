@@ -1,26 +1,32 @@
-"""Logic of the Lightning callback, shared by the ``lightning.pytorch`` and ``pytorch_lightning`` flavours.
+"""The Lightning callback, shared by the ``lightning.pytorch`` and ``pytorch_lightning`` flavours.
 
-Nothing here imports Lightning: the concrete classes in :mod:`ema_metrics.lightning` and
-:mod:`ema_metrics.pytorch_lightning` mix this into their package's ``Callback`` and set ``_pl`` to that package.
-Checkpoint entries are read and written in :mod:`ema_metrics._callback_checkpoint`, zero-code mode observes outputs in
-:mod:`ema_metrics._callback_zero_code`; every Lightning private used is in :mod:`ema_metrics._lightning_internals`.
+Nothing here imports Lightning: :mod:`ema_metrics.lightning` and :mod:`ema_metrics.pytorch_lightning` subclass
+:class:`EMAMetricsCallbackBase` together with their package's ``Callback`` and name that package in the class
+attribute ``_pl``. The callback owns what it delegates, as Lightning's Trainer owns its connectors: its validated
+arguments (:class:`~ema_metrics.integrations.lightning.options.CallbackOptions`) and, during a fit, the zero-code
+observer (:class:`~ema_metrics.integrations.lightning.zero_code.ZeroCode`). Checkpoint entries, per-rank rows and
+epoch snapshots are :mod:`ema_metrics.integrations.lightning.checkpoint`; every Lightning private used is in
+:mod:`ema_metrics.integrations.lightning.internals`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
-from ema_metrics import _callback_checkpoint as ckpt
-from ema_metrics import _lightning_internals as internals
 from ema_metrics._base import DecayedSumMetric
-from ema_metrics._callback_options import CallbackOptions
-from ema_metrics._callback_zero_code import ZeroCode, _wrap_training_step
 from ema_metrics._functions import synced_values, synced_values_by_rank
 from ema_metrics.ema import EMAMetric
+from ema_metrics.integrations.lightning import checkpoint as ckpt
+from ema_metrics.integrations.lightning import internals
+from ema_metrics.integrations.lightning.options import CallbackOptions, check_flavour, check_strategy
+from ema_metrics.integrations.lightning.zero_code import ZeroCode, wrap_training_step
+
+__all__ = ["EMAMetricsCallbackBase"]
 
 
-class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
+class EMAMetricsCallbackBase:
     """Every value the Trainer acts on is the exact EMA of all ranks, ticking once per optimizer step.
 
     The callback drives every EMA metric (:class:`~ema_metrics.EMAMetric`, :class:`~ema_metrics.EMAWrapper`) of the
@@ -95,12 +101,118 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
 
     """
 
-    _pl: ModuleType
+    #: The Lightning package of the flavour (``lightning.pytorch`` or ``pytorch_lightning``), set by each subclass.
+    _pl: ClassVar[ModuleType]
 
+    def __init__(
+        self,
+        *,
+        metrics: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        keys: Mapping[str, str] | None = None,
+        weight_key: str | None = None,
+        alpha: float | None = None,
+        half_life: float | None = None,
+        span: float | None = None,
+        com: float | None = None,
+        adjust: bool = True,
+        weight_by_batch_size: bool = True,
+        reset_on_epoch: bool = False,
+        prog_bar: bool = True,
+        sync: str = "step",
+        rank_spread: bool = False,
+    ) -> None:
+        self._options = CallbackOptions(
+            metrics=metrics,
+            exclude=exclude,
+            keys=keys,
+            weight_key=weight_key,
+            alpha=alpha,
+            half_life=half_life,
+            span=span,
+            com=com,
+            adjust=adjust,
+            weight_by_batch_size=weight_by_batch_size,
+            reset_on_epoch=reset_on_epoch,
+            prog_bar=prog_bar,
+            sync=sync,
+            rank_spread=rank_spread,
+        )
+        self._reset_fit_state()
+
+    # ------------------------------------------------------------------ options (read-only)
+    @property
+    def metric_names(self) -> list[str] | None:
+        """The attribute paths of the metrics to drive (``None``: every EMA metric of the module)."""
+        return self._options.metric_names
+
+    @property
+    def exclude(self) -> list[str]:
+        """The attribute paths left alone."""
+        return self._options.exclude
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Zero-code mode: ``{output_key: log_name}``."""
+        return self._options.keys
+
+    @property
+    def weight_key(self) -> str | None:
+        """Zero-code mode: the output entry holding each micro-batch's weight."""
+        return self._options.weight_key
+
+    @property
+    def weight_by_batch_size(self) -> bool:
+        """Zero-code mode without ``weight_key``: weight each micro-batch by its batch size."""
+        return self._options.weight_by_batch_size
+
+    @property
+    def reset_on_epoch(self) -> bool:
+        """Whether every EMA restarts at the start of each training epoch."""
+        return self._options.reset_on_epoch
+
+    @property
+    def prog_bar(self) -> bool:
+        """Whether the zero-code values show in the progress bar."""
+        return self._options.prog_bar
+
+    @property
+    def sync(self) -> str:
+        """The sync policy: ``"step"`` or ``"logged"``."""
+        return self._options.sync
+
+    @property
+    def rank_spread(self) -> bool:
+        """Whether ``<name>/rank_min`` and ``<name>/rank_max`` are logged at every sync."""
+        return self._options.rank_spread
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's entry in a checkpoint, so several instances can coexist."""
+        return self._options.state_key
+
+    def state_dict(self) -> dict[str, Any]:
+        """Options and format; the per-rank metric states are added by ``on_save_checkpoint``."""
+        return self._options.state_dict()
+
+    # ------------------------------------------------------------------ sync policy
+    def should_sync(self, trainer: Any, step_done: bool) -> bool:
+        """Whether to pool every rank's EMA at the end of this training batch (the sync policy).
+
+        A batch that Lightning logs is always synced before it is logged, whatever this returns.
+
+        Args:
+            trainer: the Trainer.
+            step_done: whether an optimizer stepped in this batch (a tick just closed).
+
+        """
+        return step_done and self.sync == "step"
+
+    # ------------------------------------------------------------------ fit state
     def _reset_fit_state(self) -> None:
         self._driven: dict[str, DecayedSumMetric] = {}
         self._own: dict[str, EMAMetric] = {}
-        self._group: list[_EMAMetricsCallbackLogic] = [self]
+        self._group: list[EMAMetricsCallbackBase] = [self]
         self._tick_open = False
         self._stepped = False
         self._step_done = False
@@ -114,8 +226,8 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
         """Check the Trainer, and move this callback to the front of ``trainer.callbacks``."""
         if stage != "fit":
             return
-        self._check_flavour(trainer)
-        self._check_strategy(trainer)
+        check_flavour(self, trainer, self._pl)
+        check_strategy(trainer, self._pl)
         internals.check(trainer, self._pl)
         self._reset_fit_state()
         # First at every hook, so that other callbacks (ModelCheckpoint, EarlyStopping, ...) read pooled values. The
@@ -136,17 +248,18 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
                 )
             found = {n: found[n] for n in self.metric_names}
         self._driven = {n: m for n, m in found.items() if n not in self.exclude}
-        self._own = {key: self._new_own_metric().to(pl_module.device) for key in self.keys}
+        self._own = {key: self._options.new_own_metric().to(pl_module.device) for key in self.keys}
         if not self._driven and not self._own:
             raise ValueError(
                 f"EMAMetricsCallback found no EMAMetric or EMAWrapper in {type(pl_module).__name__} (after"
                 " `metrics`/`exclude`) and has no `keys` to smooth. Add an EMA metric to the module, or pass e.g."
                 " keys={'loss': 'train_loss_ema'}, half_life=50."
             )
-        earlier = [cb for cb in trainer.callbacks if isinstance(cb, _EMAMetricsCallbackLogic) and cb._driven_or_own]
+        earlier = [cb for cb in trainer.callbacks if isinstance(cb, EMAMetricsCallbackBase) and cb._driven_or_own]
         self._check_disjoint([cb for cb in earlier if cb is not self])
         if self._own:
-            self._undo.append(_wrap_training_step(pl_module, self._observe))
+            observer = ZeroCode(self._own, self._options, self._pl)
+            self._undo.append(wrap_training_step(pl_module, observer.observe))
 
     @property
     def _driven_or_own(self) -> bool:
@@ -154,7 +267,7 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Apply a checkpoint's per-rank states; the first instance drives the ticks and syncs of all instances."""
-        self._group = [cb for cb in trainer.callbacks if isinstance(cb, _EMAMetricsCallbackLogic) and cb._driven_or_own]
+        self._group = [cb for cb in trainer.callbacks if isinstance(cb, EMAMetricsCallbackBase) and cb._driven_or_own]
         if self._pending_restore is not None:
             tick = ckpt.restore(self._pending_restore, self._named_all(), self.state_key)
             self._pending_restore = None
@@ -289,6 +402,23 @@ class _EMAMetricsCallbackLogic(ZeroCode, CallbackOptions):
             if spread.pooled.numel() == 1:
                 for suffix, value in (("rank_min", spread.min), ("rank_max", spread.max)):
                     pl_module.log(f"{name}/{suffix}", value.reshape(()), on_step=True, on_epoch=False)
+
+    def _check_disjoint(self, others: Sequence[EMAMetricsCallbackBase]) -> None:
+        """Two instances must not drive the same metric, nor log two zero-code metrics under the same name."""
+        mine = {id(m): n for n, m in self._driven.items()}
+        for other in others:
+            shared = sorted(mine[id(m)] for m in other._driven.values() if id(m) in mine)
+            if shared:
+                raise ValueError(
+                    f"Two EMAMetricsCallback instances both drive {shared}; a metric must tick once per step. Split"
+                    f" them: pass metrics=[...] to one and exclude=[...] to the other, or metrics=[] to an instance"
+                    " that only smooths `keys`."
+                )
+            names = sorted(set(self.keys.values()) & set(other.keys.values()))
+            if names:
+                raise ValueError(
+                    f"Two EMAMetricsCallback instances both log {names}; give their `keys` different log names."
+                )
 
     def _late_sync(self, trainer: Any) -> None:
         """A later hook made Lightning log a batch the callback did not sync: sync now, before it is logged."""

@@ -34,7 +34,7 @@ pytest.importorskip("transformers", reason="the Trainer tests need `ema_metrics[
 from tests.ddp_utils import free_port, require_gloo
 from tests.lightning_helpers import read_tb_metric
 
-WORKER = Path(__file__).with_name("hf_worker.py")
+WORKER = Path(__file__).resolve().parents[2] / "hf_worker.py"
 HALF_LIFE = 3.0
 STEPS = 12  # 2 epochs of 48 samples, 8 samples per optimizer step
 LOGGED = [2, 4, 6, 8, 10, 12]  # logging_steps=2
@@ -52,7 +52,7 @@ def _launch(out: Path, processes: int, batch: int, accumulate: int, **extra: Any
     (out / "config.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.update(MLFLOW_TRACKING_URI=f"file:{out / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, str(WORKER), str(out / "config.json")]
     if processes > 1:

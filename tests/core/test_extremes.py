@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torchmetrics.aggregation import SumMetric
 
 from ema_metrics import EMAMetric, EMAWrapper, resolve_alpha
-from tests.test_ema_reference import ATOL, RTOL
+from tests.core.test_ema_reference import ATOL, RTOL
 
 # ----------------------------------------------------------------------------------------------- tiny alphas
 
@@ -186,7 +186,7 @@ def test_non_finite_inputs_are_still_dropped_with_their_weight(weight: Any) -> N
 
 
 def test_overflow_paths_make_no_host_sync() -> None:
-    from tests.test_ema_behaviour import forbid_host_sync
+    from tests.core.test_ema_behaviour import forbid_host_sync
 
     metrics = [EMAMetric(alpha=0.5), EMAMetric(alpha=0.5, nan_strategy=1.0), EMAMetric(alpha=0.5, adjust=False)]
     big = torch.tensor([1e308, math.inf, 1.0], dtype=torch.float64)

@@ -20,7 +20,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.regression import MeanSquaredError
 
 from ema_metrics import EMAWrapper, _sync
-from tests.test_ema_behaviour import forbid_host_sync
+from tests.core.test_ema_behaviour import forbid_host_sync
 
 Tick = list[tuple[list[float], list[float]]]
 F64 = torch.float64
