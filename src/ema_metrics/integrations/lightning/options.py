@@ -52,8 +52,10 @@ class CallbackOptions:
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"Expected argument `{name}` to be a bool, but got {flag!r}")
-        if weight_key is not None and (not isinstance(weight_key, str) or not weight_key):
-            raise TypeError(f"Expected argument `weight_key` to be a non-empty string or None, but got {weight_key!r}")
+        if weight_key is not None and not isinstance(weight_key, str):
+            raise TypeError(f"Expected argument `weight_key` to be a string or None, but got {weight_key!r}")
+        if weight_key == "":
+            raise ValueError(f"Expected argument `weight_key` to be a non-empty string, but got {weight_key!r}")
         if weight_key is not None and not self.keys:
             raise ValueError(f"Argument `weight_key`={weight_key!r} weights the zero-code metrics; pass `keys` too")
         if not isinstance(sync, str) or sync not in _SYNC_POLICIES:
@@ -134,8 +136,10 @@ def check_strategy(trainer: Any, pl: ModuleType) -> None:
 def _names(arg: str, names: Any) -> list[str]:
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
         raise TypeError(f"Expected argument `{arg}` to be a sequence of strings, but got {names!r}")
-    if not all(isinstance(n, str) and n for n in names):
-        raise TypeError(f"Expected argument `{arg}` to be a sequence of non-empty strings, but got {names!r}")
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"Expected argument `{arg}` to be a sequence of strings, but got {names!r}")
+    if not all(names):
+        raise ValueError(f"Expected argument `{arg}` to hold non-empty strings, but got {list(names)!r}")
     return list(names)
 
 
@@ -144,9 +148,10 @@ def _keys(keys: Any) -> dict[str, str]:
         return {}
     if not isinstance(keys, Mapping):
         raise TypeError(f"Expected argument `keys` to be a mapping of output keys to log names, but got {keys!r}")
-    for k, v in keys.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
-            raise TypeError(f"Expected argument `keys` to map non-empty strings to non-empty strings, but got {keys!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise TypeError(f"Expected argument `keys` to map strings to strings, but got {keys!r}")
+    if not all(k and v for k, v in keys.items()):
+        raise ValueError(f"Expected argument `keys` to map non-empty strings to non-empty strings, but got {keys!r}")
     if len(set(keys.values())) != len(keys):
         raise ValueError(f"Expected argument `keys` to log each entry under its own name, but got {dict(keys)!r}")
     return dict(keys)
