@@ -434,7 +434,9 @@ class DecayedSumMetric(FastCalls):
         """The tick count, the replica flag and the counters of a loaded state (the one place that sets them)."""
         d = self.__dict__
         d["_ticks"], d["_replica"] = ticks, replica
-        d["_renorm_at"] = ticks + self._renorm_every
+        # the renormalization ticks are multiples of the interval, as in a run that never stopped: resuming must not
+        # postpone one (a state last renormalized just before the save would decay past the float64 range)
+        d["_renorm_at"] = (ticks // self._renorm_every + 1) * self._renorm_every
         d["_update_count"] = max(d["_update_count"], ticks)
         self._set_extra_counters(counters)
         d["_computed"] = None

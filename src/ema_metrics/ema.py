@@ -8,6 +8,7 @@ and ``forward``.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from numbers import Real
 from typing import Any, NamedTuple, Union
@@ -31,6 +32,7 @@ __all__ = ["EMAMetric"]
 _F64 = torch.float64
 _INF = math.inf
 _STRIDED = torch.strided
+_TINY_NORMAL = sys.float_info.min  # 2 ** -1022: below it a float64 loses precision (subnormal), then becomes 0
 
 
 class _Coef(NamedTuple):
@@ -41,6 +43,8 @@ class _Coef(NamedTuple):
     c0_col: Tensor  # the same, as (4, 1) columns for values with several elements
     c1_col: Tensor
     may_overflow: bool  # w > 1: a product w*x of a finite x can overflow
+    may_underflow: bool  # 0 < w < 1: a product w*x of a normal x can fall below the float64 normal range
+    w: float
 
 
 class _Hot(NamedTuple):
@@ -91,7 +95,7 @@ def _coef(hot: _Hot, weight: float) -> _Coef:
     dev = hot.sums.device
     c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
     c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
-    coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0)
+    coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0, 0.0 < w < 1.0, w)
     if len(hot.coef) < 64:
         hot.coef[w] = coef
     return coef
@@ -122,13 +126,44 @@ def _vector_sums(coef: _Coef, x: Tensor, clean: bool) -> Tensor:
     return torch.nansum(cols * cols[2:3], 1)
 
 
+def _check_product(value: float, weight: float) -> None:
+    """Refuse a Python ``value`` whose product with a Python ``weight`` underflows (no tensor, no device work)."""
+    product = value * weight
+    if weight != 0.0 and abs(product) < _TINY_NORMAL and abs(product) < abs(value):
+        raise ValueError(
+            f"Expected the product of argument `weight` ({weight!r}) and argument `value` ({value!r}) to be at least"
+            f" {_TINY_NORMAL!r} in magnitude (the float64 normal range), but it is {product!r}: the weighted sum"
+            " would underflow and the average would be wrong. Rescale the values or the weights; the state is unchanged."
+        )
+
+
+def _underflows(x: Tensor, w: Tensor | float) -> Tensor:
+    """0-d bool, on the device: a weighted product ``w * x`` lost precision to underflow that ``x`` did not have.
+
+    That is ``w != 0`` and ``|w x|`` below the float64 normal range and below ``|x|``; a weight of at least 1 never
+    underflows a product (only a value already below the normal range can be that small). NaN and inf are not flagged
+    (``nan_strategy`` handles them).
+    """
+    xe = x.to(_F64)
+    product = torch.mul(xe, w).abs_()
+    lost = torch.logical_and(product < _TINY_NORMAL, product < xe.abs())
+    if isinstance(w, Tensor):
+        lost = torch.logical_and(lost, w != 0)
+    return lost.any()
+
+
 def _tensor_weight_sums(metric: EMAMetric, hot: _Hot, x: Tensor, weight: Any) -> tuple[Tensor, Tensor]:
     """The sums of an update whose weight is not a Python float or int, and the decay to apply before adding them."""
     if isinstance(weight, bool):
         raise TypeError(f"Expected argument `weight` to be a number or a tensor, but got {weight!r}")
     if isinstance(weight, Real):
-        inc = _vector_sums(_coef(hot, as_float(weight, "weight")), x, metric._clean)
-        return inc, hot.decay if metric._tick_decay() else hot.keep
+        coef = _coef(hot, as_float(weight, "weight"))
+        inc = _vector_sums(coef, x, metric._clean)
+        decay = hot.decay if metric._tick_decay() else hot.keep
+        if not coef.may_underflow:
+            return inc, decay
+        lost = _underflows(x, coef.w)
+        return torch.where(lost, hot.reject, inc), torch.where(lost, hot.keep, decay)
     w = weight.detach() if isinstance(weight, Tensor) else as_tensor(weight, "weight")
     check_tensor(w, "weight")
     try:
@@ -149,9 +184,10 @@ def _tensor_weight_sums(metric: EMAMetric, hot: _Hot, x: Tensor, weight: Any) ->
     # x * (w * finite) is NaN for a non-finite x (dropped) and inf for a finite product that overflows (kept)
     inc = torch.cat((xe * wd, wd, finite, torch.zeros_like(finite)))
     inc = torch.nansum(inc, 1) if metric._clean else inc.sum(1)
-    invalid = torch.logical_or(w < 0, ~torch.isfinite(w)).any()
-    # An invalid weight rejects the whole update on the device: the state is left as it was (no decay
-    # either), a counter records it, and ``compute`` raises. Reading it here would need a host sync.
+    invalid = torch.logical_or(torch.logical_or(w < 0, ~torch.isfinite(w)).any(), _underflows(xe, we))
+    # An invalid weight (or a weighted product that underflows) rejects the whole update on the device: the state
+    # is left as it was (no decay either), a counter records it, and ``compute`` raises. Reading it here would need
+    # a host sync.
     decay = hot.decay if metric._tick_decay() else hot.keep
     return torch.where(invalid, hot.reject, inc), torch.where(invalid, hot.keep, decay)
 
@@ -278,6 +314,12 @@ class EMAMetric(DecayedSumMetric):
             x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
         if type(weight) is float or type(weight) is int:
             coef = hot.coef.get(weight) or _coef(hot, weight)
+            lost = None
+            if coef.may_underflow:  # 0 < weight < 1: checked on the host for a Python value, else on the device
+                if type(value) is float or type(value) is int:
+                    _check_product(float(value), coef.w)
+                else:
+                    lost = _underflows(x, coef.w)
             if x.dim() == 0:
                 numel = 1
                 if not d["_clean"]:
@@ -295,6 +337,8 @@ class EMAMetric(DecayedSumMetric):
             else:
                 in_tick = False
                 decay = hot.decay
+            if lost is not None:
+                inc, decay = torch.where(lost, hot.reject, inc), torch.where(lost, hot.keep, decay)
         else:
             numel = x.numel()
             inc, decay = _tensor_weight_sums(self, hot, x, weight)
@@ -365,8 +409,9 @@ class EMAMetric(DecayedSumMetric):
             if rejected > 0:
                 raise ValueError(
                     f"{type(self).__name__}: {int(rejected)} update(s) were rejected because argument `weight` held"
-                    " a negative or non-finite value; those updates were left out of the state. Reset the metric"
-                    " after fixing the weights."
+                    " a negative or non-finite value, or a product of `weight` and `value` fell below the float64"
+                    f" normal range ({_TINY_NORMAL!r}); those updates were left out of the state. Reset the metric"
+                    " after fixing the weights (or rescaling the values)."
                 )
             if self.nan_strategy != "disable":  # with "disable" a non-finite value poisons the sums by design
                 check_overflow(type(self).__name__, num, den)

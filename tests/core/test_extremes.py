@@ -201,3 +201,86 @@ def test_overflow_paths_make_no_host_sync() -> None:
     for m in metrics:
         with pytest.raises(OverflowError):
             m.compute()
+
+
+@pytest.mark.parametrize(("name", "too_large"), [("half_life", 1e17), ("span", 1e17), ("com", 9.0072e15)])
+def test_the_printed_largest_parametrisation_is_accepted(name: str, too_large: float) -> None:
+    # the limit in the message is exact: passing it back gives the smallest smoothing factor, the next float is refused
+    with pytest.raises(ValueError, match=rf"`{name}` to be at most (\S+), which") as info:
+        EMAMetric(**{name: too_large})
+    match = re.search(r"at most (\S+), which", str(info.value))
+    assert match is not None
+    printed = float(match.group(1))
+    assert EMAMetric(**{name: printed}).alpha == 2.0**-53
+    with pytest.raises(ValueError, match=rf"`{name}` to be at most {re.escape(match.group(1))},"):
+        EMAMetric(**{name: math.nextafter(printed, math.inf)})
+
+
+# ----------------------------------------------------------------------------------------------- underflowing products
+TINY = 2.0**-1022  # the smallest normal float64
+
+
+@pytest.mark.parametrize(("value", "weight"), [(1e-300, 1e-300), (-1e-300, 1e-20), (3e-308, 0.5), (1e-200, 1e-150)])
+def test_a_python_product_that_underflows_is_refused_at_update(value: float, weight: float) -> None:
+    # EMAMetric(alpha=0.5)(1e-300, weight=1e-300) returned 0.0 (true mean 1e-300): the product w*x underflowed silently
+    metric = EMAMetric(alpha=0.5)
+    metric(2.0, weight=0.5)
+    before = metric.sums.clone()
+    for call in (metric, metric.update):
+        with pytest.raises(ValueError, match=rf"`weight` \({re.escape(repr(weight))}\) and argument `value`"):
+            call(value, weight=weight)
+    assert torch.equal(metric.sums, before)
+    assert metric.ticks == 1
+    assert float(metric.compute()) == 2.0
+
+
+@pytest.mark.parametrize("via", ["python-weight", "tensor-weight", "vector"])
+def test_a_device_product_that_underflows_is_reported_by_compute(via: str) -> None:
+    # on the device nothing is read back: the update is rejected there and compute raises, naming the cause
+    metric = EMAMetric(alpha=0.5)
+    metric(4.0)
+    value = torch.tensor(1e-300, dtype=torch.float64)
+    if via == "python-weight":
+        out = metric(value, weight=1e-300)
+    elif via == "tensor-weight":
+        out = metric(value, weight=torch.tensor(1e-300, dtype=torch.float64))
+    else:
+        out = metric(torch.tensor([1.0, 1e-300], dtype=torch.float64), weight=1e-300)
+    assert float(out) == 4.0  # the rejected update left the sums as they were
+    with pytest.raises(ValueError, match=r"1 update\(s\) were rejected .* fell below the float64 normal range"):
+        metric.compute()
+
+
+@pytest.mark.parametrize(
+    ("value", "weight"),
+    [(1e-300, 1.0), (TINY, 1.0), (1e-300, 3.0), (0.0, 1e-300), (1.0, 1e-300), (5e-324, 1.0), (1e-300, 0.0)],
+)
+def test_products_that_do_not_underflow_are_kept(value: float, weight: float) -> None:
+    # a weight of at least 1 never makes a product smaller than the value; a zero value or weight loses nothing
+    for v, w in ((value, weight), (torch.tensor(value, dtype=torch.float64), weight)):
+        metric = EMAMetric(alpha=0.5)
+        metric(2.0)
+        metric(v, weight=w)
+        num, den = 0.5 * 2.0 + weight * value, 0.5 + weight
+        assert float(metric.compute()) == num / den
+
+
+def test_a_state_resumed_just_before_a_renormalization_keeps_its_value() -> None:
+    # Renormalization ticks are multiples of an interval (256 at alpha 0.5). A state loaded at tick 1023 (last
+    # renormalized at 768) used to schedule its next one at 1023 + 256, so its sums decayed below the float64 range
+    # and the value became 0 / 0 at tick 1279, where the run that never stopped kept its last value.
+    def run(load_at: int | None) -> float:
+        metric = EMAMetric(alpha=0.5)
+        metric(1.5)
+        for t in range(1, 1400):
+            if t == load_at:
+                state = metric.state_dict()
+                metric = EMAMetric(alpha=0.5)
+                metric.load_state_dict(state)
+            with metric.tick():
+                pass
+        return float(metric.compute())
+
+    assert run(None) == 1.5
+    assert run(1023) == 1.5
+    assert run(600) == 1.5

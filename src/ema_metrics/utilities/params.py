@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Callable
 
 from ema_metrics.utilities.inputs import shown
 
@@ -12,11 +13,29 @@ __all__ = ["resolve_alpha"]
 #: The smallest usable smoothing factor: below ``2**-53`` the decay ``1 - alpha`` rounds to 1 (or to ``1 - 2**-53``,
 #: a different alpha) in float64, so the average would never move, or would move at another rate than asked.
 MIN_ALPHA = 2.0**-53
-# The largest usable value of each derived parametrisation (the one that gives MIN_ALPHA).
-_MAX_DERIVED = {
-    "half_life": math.log(0.5) / math.log1p(-MIN_ALPHA),
-    "span": 2.0 / MIN_ALPHA - 1.0,
-    "com": 1.0 / MIN_ALPHA - 1.0,
+_FORMULAS: dict[str, Callable[[float], float]] = {
+    "half_life": lambda v: -math.expm1(math.log(0.5) / v),
+    "span": lambda v: 2.0 / (v + 1.0),
+    "com": lambda v: 1.0 / (1.0 + v),
+}
+
+
+def _largest_accepted(name: str, guess: float) -> float:
+    """The largest float whose ``alpha`` is still at least ``MIN_ALPHA`` (the formula near ``guess``, then exact)."""
+    formula = _FORMULAS[name]
+    value = guess
+    while formula(value) < MIN_ALPHA:
+        value = math.nextafter(value, 0.0)
+    while formula(math.nextafter(value, math.inf)) >= MIN_ALPHA:
+        value = math.nextafter(value, math.inf)
+    return value
+
+
+#: The largest accepted value of each derived parametrisation, exactly (printed with ``repr`` when refused).
+MAX_DERIVED = {
+    "half_life": _largest_accepted("half_life", math.log(0.5) / math.log1p(-MIN_ALPHA)),
+    "span": _largest_accepted("span", 2.0 / MIN_ALPHA - 1.0),
+    "com": _largest_accepted("com", 1.0 / MIN_ALPHA - 1.0),
 }
 
 
@@ -89,22 +108,17 @@ def resolve_alpha(
                 f" factor whose decay `1 - alpha` differs from 1 in float64, but got {raw!r}"
             )
         return value
-    if name == "half_life":
-        if value <= 0.0:
-            raise ValueError(f"Expected argument `half_life` to be a positive number, but got {raw!r}")
-        alpha = -math.expm1(math.log(0.5) / value)
-    elif name == "span":
-        if value < 1.0:
-            raise ValueError(f"Expected argument `span` to be a number >= 1, but got {raw!r}")
-        alpha = 2.0 / (value + 1.0)
-    else:
-        if value < 0.0:
-            raise ValueError(f"Expected argument `com` to be a number >= 0, but got {raw!r}")
-        alpha = 1.0 / (1.0 + value)
+    if name == "half_life" and value <= 0.0:
+        raise ValueError(f"Expected argument `half_life` to be a positive number, but got {raw!r}")
+    if name == "span" and value < 1.0:
+        raise ValueError(f"Expected argument `span` to be a number >= 1, but got {raw!r}")
+    if name == "com" and value < 0.0:
+        raise ValueError(f"Expected argument `com` to be a number >= 0, but got {raw!r}")
+    alpha = float(_FORMULAS[name](value))
     if alpha < MIN_ALPHA:
         raise ValueError(
-            f"Expected argument `{name}` to be at most {_MAX_DERIVED[name]:.6g}, which gives the smallest smoothing"
-            f" factor alpha = 2**-53 whose decay `1 - alpha` differs from 1 in float64, but got {raw!r}"
+            f"Expected argument `{name}` to be at most {MAX_DERIVED[name]!r}, which gives the smallest smoothing"
+            f" factor alpha = 2**-53 whose decay `1 - alpha` differs from 1 in float64, but got {shown(raw)}"
             f" (alpha = {alpha:.3g})"
         )
     return alpha
