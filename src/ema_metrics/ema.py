@@ -132,8 +132,8 @@ def _check_product(value: float, weight: float) -> None:
     if weight != 0.0 and abs(product) < _TINY_NORMAL and abs(product) < abs(value):
         raise ValueError(
             f"Expected the product of argument `weight` ({weight!r}) and argument `value` ({value!r}) to be at least"
-            f" {_TINY_NORMAL!r} in magnitude (the float64 normal range), but it is {product!r}: the weighted sum"
-            " would underflow and the average would be wrong. Rescale the values or the weights; the state is unchanged."
+            f" {_TINY_NORMAL!r} in magnitude (the float64 normal range), but it is {product!r}: the weighted sum would"
+            " underflow and the average would be wrong. Rescale the values or the weights; the state is unchanged."
         )
 
 
