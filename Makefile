@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 EXTRAS := lightning,pytorch-lightning,test,demo
 
-.PHONY: demo test test-newest test-floor lint bench clean
+.PHONY: demo test test-newest test-floor lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ test-floor: $(FLOOR_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_update.py
+
+# On a machine with a CUDA GPU: install a CUDA build of torch first (for example TORCH_SPEC="torch==2.13.0" with the
+# CUDA wheel index in pip's configuration), then this prints and writes the JSON summary (about a minute).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) dist build

@@ -71,6 +71,7 @@ COLLECTIVES = (
     "all_gather",
     "all_reduce",
     "all_gather_into_tensor",
+    "all_gather_single",
     "broadcast",
     "all_gather_object",
     "broadcast_object_list",

@@ -11,6 +11,10 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: The one-buffer all-gather of every EMA sync (`all_gather_single` in the torch releases that renamed
+#: `all_gather_into_tensor`).
+FLAT_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
 
 def require_gloo() -> None:
     """Skip, with the reason, where multi-process tests cannot run (never fall back to one process)."""

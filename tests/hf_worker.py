@@ -54,7 +54,17 @@ def _ema_caller() -> str | None:
 def count_collectives(record: list[Any], step: Any) -> None:
     """Wrap the collectives of ``torch.distributed``: record (step, caller) for those issued by ema_metrics."""
     depth = [0]
-    for name in ("all_gather", "all_gather_object", "all_reduce", "broadcast", "gather", "reduce", "barrier"):
+    for name in (
+        "all_gather",
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_reduce",
+        "broadcast",
+        "gather",
+        "reduce",
+        "barrier",
+    ):
         original = getattr(dist, name)
 
         def wrapped(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
@@ -141,8 +151,18 @@ def main(config_path: str) -> None:
     rank = args.process_index
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
-        GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
-                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        GPT2Config(
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            vocab_size=VOCAB,
+            n_positions=SEQ,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     )
     ema = EMALossCallback(half_life=cfg["half_life"], rank_spread=cfg.get("rank_spread", False))
     records: dict[str, Any] = {"tokens": {}, "states": {}, "collectives": []}

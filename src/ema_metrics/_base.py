@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ema_metrics import _sync
-from ema_metrics._fast import FastCalls
+from ema_metrics._fast import FastCalls, compiling, run_eagerly
 from ema_metrics.utilities import decay
 from ema_metrics.utilities.checks import EXTRA_STATE_KEY, extra_state_errors, state_errors
 from ema_metrics.utilities.params import resolve_alpha
@@ -38,6 +38,11 @@ _EXTRA_STATE_FORMAT = 2
 
 def _follow_device(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device=device)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device`` (never for a CPU or meta device)."""
+    return device.type == "cuda" and bool(torch.cuda.is_current_stream_capturing())
 
 
 class DecayedSumMetric(FastCalls):
@@ -86,9 +91,12 @@ class DecayedSumMetric(FastCalls):
         # on rank 0 only (see `_dereplicate`).
         self._replica = False
         self._synced_counters: dict[str, int] | None = None
+        self._synced_known: _sync.Pooled | None = None  # what the last sync read on the host (see compute)
         self._decay_masks: dict[str, Tensor] = {}
         self._never_decayed: set[str] = set()
         self._all_decayed: set[str] = set()  # states whose every entry decays: no mask needed
+        self._count_positions: tuple[int, ...] = ()  # flat positions of the never-decayed entries (counts)
+        self._count_index = torch.zeros(0, dtype=torch.long)  # the same, on the states' device
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._renorm_every = decay.renorm_interval(self.beta)
         self._decay = decay.factor(self.beta)  # what the stored states decay by (see decay.factor)
@@ -116,9 +124,13 @@ class DecayedSumMetric(FastCalls):
     # ------------------------------------------------------------------ decayed states
     def _add_decayed_state(self, name: str, default: Tensor, decay_mask: Tensor | None = None) -> None:
         """Register a float64 state that is decayed every tick (``decay_mask`` picks the decayed entries)."""
+        offset = sum(getattr(self, n).numel() for n in self._decay_masks)
         self.add_state(name, default.to(_STATE_DTYPE), dist_reduce_fx="sum", persistent=True)
         mask = torch.ones_like(default, dtype=torch.bool) if decay_mask is None else decay_mask.to(torch.bool)
         self._decay_masks[name] = mask
+        counts = [offset + i for i, decays in enumerate(mask.reshape(-1).tolist()) if not decays]
+        self._count_positions = (*self._count_positions, *counts)
+        self._count_index = torch.tensor(self._count_positions, dtype=torch.long)
         if not bool(mask.any()):  # a counter: synced, saved and packed with the states, but never scaled
             self._never_decayed.add(name)
         if bool(mask.all()):
@@ -201,6 +213,8 @@ class DecayedSumMetric(FastCalls):
             RuntimeError: If a tick is already open.
 
         """
+        if compiling():
+            return run_eagerly(self.begin_tick)  # type: ignore[no-any-return]
         if self._in_tick:
             raise RuntimeError(f"{type(self).__name__}.begin_tick() was called while a tick is already open")
         if self._replica:
@@ -215,14 +229,25 @@ class DecayedSumMetric(FastCalls):
             RuntimeError: If no tick is open.
 
         """
+        if compiling():
+            return run_eagerly(self.end_tick)  # type: ignore[no-any-return]
         if not self._in_tick:
             raise RuntimeError(f"{type(self).__name__}.end_tick() was called without an open tick")
+        self._refuse_capture("end_tick")
         if not self._tick_decayed and self._ticks > 0:
             self._scale_decayed_(self._decay)
         d = self.__dict__
         d["_in_tick"], d["_tick_decayed"] = False, False
         self._close_tick()
         d["_computed"] = None
+
+    def _refuse_capture(self, call: str) -> None:
+        """Raise if a CUDA graph is being captured: the Python tick count and counters would not advance on replay."""
+        if capturing(self.scale.device):
+            raise RuntimeError(
+                f"{type(self).__name__}.{call} cannot be captured in a CUDA graph: its tick count and counters are"
+                " Python numbers, which a replay would not advance. Call it outside the captured region."
+            )
 
     @property
     def in_tick(self) -> bool:
@@ -305,11 +330,17 @@ class DecayedSumMetric(FastCalls):
 
     # ------------------------------------------------------------------ hooks of subclasses
     def _value_from_states(
-        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+        self,
+        states: dict[str, Tensor],
+        counters: dict[str, int] | None = None,
+        check: bool = False,
+        known: _sync.Pooled | None = None,
     ) -> Any:
         """The value computed from (pooled) states, without touching the local states (hook).
 
-        With ``check``, the deferred checks run on ``counters`` (rejected updates, non-finite values).
+        With ``check``, the deferred checks run on ``counters`` (rejected updates, non-finite values). ``known`` is
+        what a sync already read of these states on the host (``values``, or ``finite`` and ``counts``): the checks
+        use it instead of reading the states back again.
         """
         raise NotImplementedError
 
@@ -373,13 +404,16 @@ class DecayedSumMetric(FastCalls):
                 if name in excluded or name not in this._defaults:
                     continue
                 if name == _GROUP_TAG:
-                    value = torch.tensor(math.nan, dtype=_STATE_DTYPE, device=this.device)
+                    value = torch.full((), math.nan, dtype=_STATE_DTYPE, device=this.device)
                 else:
                     value = getattr(this, name).to(device=this.device)
                 setattr(this, name, value)
                 default = this._defaults[name]
                 if isinstance(default, Tensor):
                     this._defaults[name] = default.to(device=this.device)
+            # the decay masks follow the states, so that no later tick copies them from the host
+            this._decay_masks = {n: m.to(this.device) for n, m in this._decay_masks.items()}
+            this._count_index = this._count_index.to(this.device)
             this._factor_cache.clear()
         return this
 
@@ -515,6 +549,8 @@ class DecayedSumMetric(FastCalls):
             ticks=self._ticks,
             replica=self._replica,
             counters=self._extra_counters(),
+            count_positions=self._count_positions,
+            count_index=self._count_index,
         )
 
     def load_sync_state(self, pooled: _sync.Pooled, replica: bool) -> None:
@@ -545,16 +581,22 @@ class DecayedSumMetric(FastCalls):
             setattr(self, name, value)
         setattr(self, _SCALE, pooled.scale)
         self._synced_counters = pooled.counters
+        self._synced_known = pooled
 
     def unsync(self, should_unsync: bool = True) -> None:
         """Restore the local states after a sync (see :meth:`torchmetrics.Metric.unsync`)."""
         super().unsync(should_unsync)
         if should_unsync:
             self._synced_counters = None
+            self._synced_known = None
 
     def _counters_for_compute(self) -> dict[str, int]:
         synced = self.__dict__.get("_synced_counters")
         return synced if synced is not None and self._is_synced else self._extra_counters()
+
+    def _known_for_compute(self) -> _sync.Pooled | None:
+        """What the sync of ``compute`` read on the host, while the states are the synced ones."""
+        return self.__dict__.get("_synced_known") if self._is_synced else None
 
     def _should_sync_forward(self) -> bool:
         flag = self.sync_on_forward
@@ -564,7 +606,7 @@ class DecayedSumMetric(FastCalls):
 
     def _value_of(self, pooled: _sync.Pooled) -> Any:
         """The value of a pooled state, after the checks ``compute`` makes."""
-        return self._value_from_states(pooled.states, counters=pooled.counters, check=True)
+        return self._value_from_states(pooled.states, counters=pooled.counters, check=True, known=pooled)
 
     def _synced_forward_value(self) -> Any:
         (pooled,) = _sync.pool([self], self.process_group)
@@ -595,7 +637,7 @@ class DecayedSumMetric(FastCalls):
         """
         mine, theirs = self.sync_state(), self._merge_source(incoming_state).sync_state()
         rows = torch.stack([_sync.flat(mine), _sync.flat(theirs)])
-        scales = [float(mine.effective_scale()), float(theirs.effective_scale())]
+        scales = torch.stack([mine.effective_scale(), theirs.effective_scale()]).tolist()  # the one read-back
         pooled = _sync.pool_rows(mine, rows, scales, replica=False)
         pooled.ticks = mine.ticks
         pooled.counters = {k: v + theirs.counters[k] for k, v in mine.counters.items()}

@@ -48,6 +48,8 @@ from ema_metrics.utilities import decay
 
 __all__ = [
     "HEADER",
+    "all_gather_flat",
+    "comm_device",
     "INLINE",
     "MAGIC",
     "Poolable",
@@ -92,6 +94,8 @@ class SyncState:
         ticks: completed ticks.
         replica: whether the states are the pooled state of all ranks, identical on each (counted once).
         counters: Python-side counters, summed across ranks.
+        count_positions: where the never-decayed entries (counts kept in the states) are in the flattened states.
+        count_index: the same positions as a tensor on the states' device.
 
     """
 
@@ -103,6 +107,8 @@ class SyncState:
     ticks: int
     replica: bool
     counters: dict[str, int]
+    count_positions: tuple[int, ...] = ()
+    count_index: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -140,12 +146,25 @@ class Pooled:
     ticks: int
     counters: dict[str, int]
     ranks: list[dict[str, Tensor]] | None = None  # each rank's own states (at scale 0 or its own), when inline
+    #: What the sync's one read-back tells the host about the pooled states, so that the checks of ``compute`` need
+    #: no read of their own: the flattened states themselves (small states), or whether they are all finite
+    #: (``None``: not known) and their never-decayed entries (``count_positions``) summed.
+    values: list[float] | None = None
+    finite: bool | None = None
+    counts: list[float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- torch.distributed
+#: Issue the collectives even in a group of one rank (which otherwise pools locally): for checks of the collectives
+#: themselves on one device, such as ``benchmarks/gpu_check.py`` with a one-process NCCL group.
+FORCE_COLLECTIVES = False
+
+
 def ready(group: Any = None) -> bool:
     """Whether ``torch.distributed`` is initialised with more than one rank in ``group`` (default: the world)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return FORCE_COLLECTIVES or dist.get_world_size(group) > 1
 
 
 def rank(group: Any = None) -> int:
@@ -156,6 +175,27 @@ def rank(group: Any = None) -> int:
 def world(group: Any = None) -> int:
     """The number of ranks in ``group`` (1 without a process group)."""
     return dist.get_world_size(group) if ready(group) else 1
+
+
+def comm_device(group: Any, device: torch.device) -> torch.device:
+    """Where a collective of ``group`` takes tensors of ``device``: NCCL takes CUDA tensors only.
+
+    A metric left on the CPU while the group is NCCL (the plain quick start never moves it) is pooled through a buffer
+    on the current CUDA device; every other case uses the states' own device.
+    """
+    if device.type == "cpu" and ready(group) and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_gather_flat(out: Tensor, local: Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """Every rank's ``local`` into ``out`` (``world_size * local.numel()`` values, rank after rank): one collective.
+
+    ``all_gather_into_tensor`` (``all_gather_single`` in the torch releases that renamed it) writes into one buffer;
+    the list form of ``all_gather`` stages a flat buffer under NCCL and copies it back into ``world_size`` tensors.
+    """
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, local, group=group, async_op=async_op)
 
 
 # ---------------------------------------------------------------------------------------------- layout and checks
@@ -286,12 +326,10 @@ def pool_rows_at(
     elif all(v == common for v in scales):  # every rank at the same exponent: a plain sum
         summed = rows.sum(dim=0) if plain_sum is None else plain_sum
     else:
-        exponents = torch.tensor([v - common for v in scales], dtype=_F64, device=rows.device)  # -inf: holds nothing
+        factors = torch.stack([_scalar(2.0 ** (v - common) if not math.isinf(v) else 0.0, rows.device) for v in scales])
         mask = state.flat_mask(rows.device)
-        summed = torch.where(mask, rows * torch.exp2(exponents).unsqueeze(1), rows).sum(dim=0)
-    pooled = Pooled(
-        states=split(state, summed), scale=torch.tensor(common, dtype=_F64, device=rows.device), ticks=0, counters={}
-    )
+        summed = torch.where(mask, rows * factors.unsqueeze(1), rows).sum(dim=0)
+    pooled = Pooled(states=split(state, summed), scale=_scalar(common, rows.device), ticks=0, counters={})
     if common < 0:  # only a pooled state of metrics without data needs its frame restored
         decay.canonical_(list(pooled.states.values()), state.masks, pooled.scale)
     if with_ranks:
@@ -308,7 +346,8 @@ class _Local:
     n_desc: int
     sizes: list[int]
     counters: list[int]
-    inline: bool
+    inline: bool  # the states travel in the first collective (implies that the descriptors fit)
+    n_probe: int  # values of the large states' probes that travel after the descriptors (0: none)
 
 
 def local_vector(metrics: Sequence[Poolable] | Sequence[SyncState]) -> _Local:
@@ -324,6 +363,9 @@ def local_vector(metrics: Sequence[Poolable] | Sequence[SyncState]) -> _Local:
     sizes = [s.size for s in states]
     n_desc = 4 * n + sum(len(c) for c in counters)
     inline = HEADER + n_desc + sum(sizes) <= INLINE
+    n_probe = 0 if inline else sum(1 + len(s.count_positions) for s in states)
+    if HEADER + n_desc + n_probe > INLINE:  # no room for the probes: compute's checks then read the pooled states
+        n_probe = 0
     prints = tuple(fingerprint(s) for s in states)
     host = [MAGIC, float(n), _hash_of(prints), float(n_desc), 0.0 if inline else float(sum(sizes)), float(inline)]
     fits = HEADER + n_desc <= INLINE  # else too many metrics for one sync: every rank learns it from the header
@@ -334,9 +376,32 @@ def local_vector(metrics: Sequence[Poolable] | Sequence[SyncState]) -> _Local:
         parts = [s.scale.reshape(1) for s in states]  # the stored exponents: no pass over the states (see pool)
         if inline:
             parts += _flat_parts(states)
+        elif n_probe:
+            parts += [_probe(s) for s in states]
     tail = torch.zeros(INLINE - len(host) - sum(p.numel() for p in parts), dtype=_F64, device=device)
-    vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
-    return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline)  # inline implies fits
+    vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])  # the one copy of host data
+    return _Local(vector, n_desc, sizes, [len(c) for c in counters] if fits else [], inline, n_probe)
+
+
+def _probe(s: SyncState) -> Tensor:
+    """What the host must learn of a large state in the first collective: its largest magnitude and its counts.
+
+    With every rank's largest magnitude (NaN or inf if it holds one) the host knows without another read-back that the
+    pooled states are finite when the magnitudes add up to less than ``2 ** 1023``; the never-decayed entries (counts
+    such as dropped updates) add up exactly.
+    """
+    values = [t.reshape(-1) for t in s.states.values()]
+    peaks = torch.stack([_peak(v) for v in values]).amax().reshape(1)
+    if not s.count_positions or s.count_index is None:
+        return peaks.to(_F64)
+    return torch.cat([peaks.to(_F64), torch.cat(values).to(_F64)[s.count_index]])
+
+
+def _peak(values: Tensor) -> Tensor:
+    if values.numel() == 0:
+        return values.new_zeros((), dtype=_F64)
+    low, high = torch.aminmax(values.to(_F64))
+    return torch.maximum(high, -low)
 
 
 def _states_of(metrics: Sequence[Poolable] | Sequence[SyncState]) -> list[SyncState]:
@@ -372,11 +437,20 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
         gathered = _gather(local.vector, group, gather)
     else:  # the states to sum are copied while the descriptors travel
         gathered, summands = _gather_while(local.vector, group, lambda: flat(*states))
-    desc = gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist()  # every rank's descriptors, on the host once
+    n_head = min(HEADER + local.n_desc, INLINE)
+    n_states = sum(local.sizes) if local.inline else local.n_probe
+    # The one read-back of the sync: every rank's descriptors and, for small states, their plain sum (the pooled
+    # states in the usual case, where no rank renormalized and none holds a replica), or every rank's probe.
+    region = gathered[:, : n_head + n_states]
+    guess = region[:, n_head:].sum(dim=0) if local.inline else None
+    host = torch.cat([region.reshape(-1), *([] if guess is None else [guess])]).tolist()
+    width = region.shape[1]
+    host_rows = [host[r * width : (r + 1) * width] for r in range(gathered.shape[0])]
+    desc = [row[:n_head] for row in host_rows]
     check(desc, [s.kind for s in states], INLINE)
     rows_all: Tensor | None = None
     if local.inline:
-        rows_all = gathered[:, HEADER + local.n_desc : HEADER + local.n_desc + sum(local.sizes)]
+        rows_all = gathered[:, n_head : n_head + sum(local.sizes)]
     elif gather is not None:
         rows_all = _gather(flat(*states), group, gather)
     at = HEADER + local.n_desc - n
@@ -390,8 +464,11 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
     commons = [common_scale(scales) for scales in per_metric]
     summed = None if summands is None else _reduce(states, summands, scale_rows, commons, replicas, group)
     plain = not any(replicas) and all(v == c for vs, c in zip(per_metric, commons, strict=True) for v in vs)
-    plain_sum = rows_all.sum(dim=0) if rows_all is not None and plain else None  # the usual case: one sum for all
-    out, start, at = [], 0, HEADER + 3 * n
+    plain_sum = None
+    if rows_all is not None and plain:  # the usual case: one sum for all (the one already read, when inline)
+        plain_sum = guess if guess is not None else rows_all.sum(dim=0)
+    guessed = host[len(host_rows) * width :] if guess is not None and plain else None
+    out, start, at, probe_at = [], 0, HEADER + 3 * n, n_head
     for i, s in enumerate(states):
         counted = [row[at : at + local.counters[i]] for row in (desc[:1] if replicas[i] else desc)]
         at += local.counters[i]
@@ -399,24 +476,36 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
         if rows_all is not None:
             total = None if plain_sum is None else plain_sum[part]
             pooled = pool_rows_at(s, rows_all[:, part], per_metric[i], common, replica, with_ranks, total)
+            if guessed is not None:
+                pooled.values = guessed[part]
         else:
             assert summed is not None
             scale = scale_rows[rank(group)][i] if replica else common
             scale = 0.0 if math.isinf(scale) else scale
-            pooled = Pooled(
-                states=split(s, summed[part]),
-                scale=torch.tensor(scale, dtype=_F64, device=summed.device),
-                ticks=0,
-                counters={},
-            )
+            pooled = Pooled(states=split(s, summed[part]), scale=_scalar(scale, summed.device), ticks=0, counters={})
             if scale < 0:  # only a pooled state of metrics without data needs its frame restored
                 decay.canonical_(list(pooled.states.values()), s.masks, pooled.scale)
+        if local.n_probe:
+            width_i = 1 + len(s.count_positions)
+            probes = [row[probe_at : probe_at + width_i] for row in (host_rows[:1] if replica else host_rows)]
+            probe_at += width_i
+            peaks = [p[0] for p in probes]
+            if not all(math.isfinite(p) for p in peaks):
+                pooled.finite = False
+            elif math.fsum(peaks) < 2.0**1023:  # no sum of these can overflow
+                pooled.finite = True
+            pooled.counts = [math.fsum(col) for col in zip(*(p[1:] for p in probes), strict=True)]
         start += local.sizes[i]
         pooled.ticks = int(desc[0][HEADER + n + i])
         columns = zip(*counted, strict=True)
         pooled.counters = {k: int(sum(col)) for k, col in zip(s.counters, columns, strict=True)}
         out.append(pooled)
     return out
+
+
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A 0-d float64 tensor holding ``value``, made by a fill kernel (no copy of host data)."""
+    return torch.full((), value, dtype=_F64, device=device)
 
 
 def _exact_scales(
@@ -430,7 +519,7 @@ def _exact_scales(
     out, start = [list(row) for row in stored], 0
     for i, s in enumerate(states):
         for r, row in enumerate(rows_all[:, start : start + s.size]):
-            scale = torch.tensor(stored[r][i], dtype=_F64, device=row.device)
+            scale = _scalar(stored[r][i], row.device)
             out[r][i] = float(s.effective_scale(list(split(s, row).values()), scale))
         start += s.size
     return out
@@ -441,7 +530,7 @@ def check_alike(metrics: Sequence[Poolable], group: Any = None) -> None:
     if metrics:
         states = _states_of(metrics)
         local = local_vector(states)
-        gathered = _gather(local.vector, group, None)
+        gathered = _gather(local.vector, group, None)  # its one read-back is below
         check(gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist(), [s.kind for s in states], INLINE)
 
 
@@ -463,15 +552,18 @@ def _reduce(
         part = summands[at : at + s.size]
         mine = scales[me][i]
         if replicas[i]:
-            kept.append((part, part.clone()))
+            kept.append((at, part.clone()))
         elif mine != commons[i]:
             factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
             part.copy_(torch.where(s.flat_mask(part.device), part * factor, part))
         at += part.numel()
     if ready(group) and len(kept) < len(states):
-        dist.all_reduce(summands, op=dist.ReduceOp.SUM, group=group)
-        for part, copy in kept:
-            part.copy_(copy)
+        device = comm_device(group, summands.device)
+        on_comm = summands.to(device)
+        dist.all_reduce(on_comm, op=dist.ReduceOp.SUM, group=group)
+        summands = on_comm  # split() brings each pooled state back to its metric's device
+        for at, copy in kept:
+            summands[at : at + copy.numel()].copy_(copy)
     return summands
 
 
@@ -485,9 +577,10 @@ def _gather_while(local: Tensor, group: Any, meanwhile: Callable[[], Tensor] | N
     """Every rank's ``local``, stacked, and what ``meanwhile`` returns, run while the ``all_gather`` is in flight."""
     if not ready(group):
         return local.unsqueeze(0), None if meanwhile is None else meanwhile()
-    out = local.new_empty((dist.get_world_size(group), local.numel()))
-    work = dist.all_gather(list(out.unbind(0)), local, group=group, async_op=meanwhile is not None)
+    device = comm_device(group, local.device)
+    out = torch.empty(dist.get_world_size(group) * local.numel(), dtype=local.dtype, device=device)
+    work = all_gather_flat(out, local.to(device), group=group, async_op=meanwhile is not None)
     done = None if meanwhile is None else meanwhile()
     if work is not None:
         work.wait()
-    return out, done
+    return out.view(-1, local.numel()), done

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from ema_metrics._base import DecayedSumMetric
+from ema_metrics import _sync
+from ema_metrics._base import DecayedSumMetric, capturing
 from ema_metrics.utilities.inputs import (
     VALUE_DTYPES,
     as_float,
@@ -48,72 +49,112 @@ class _Coef(NamedTuple):
 
 
 class _Hot(NamedTuple):
-    """Per-device constants of the hot path, rebuilt when the metric moves."""
+    """The hot path's per-device constants, and views of the current state.
+
+    Every constant is made on the device by fill kernels from Python scalars: building them copies no host data, so
+    neither the first update on a device nor the first after ``.to(device)`` waits for a copy. The views are rebuilt
+    (for free) when the state tensor is replaced (``reset()``, ``compute()``'s restore, ``load_state_dict()``).
+    """
 
     sums: Tensor
     num: Tensor  # view of sums[0]
     den: Tensor  # view of sums[1]
+    device: torch.device
+    cpu: bool  # the state is on the CPU (a CPU input is then no host copy)
     decay: Tensor  # [beta, beta, 1, 1]
     keep: Tensor  # [1, 1, 1, 1]
     one: Tensor
     zero: Tensor
     reject: Tensor  # [0, 0, 0, 1]: the sums of an update whose tensor weight was invalid
+    base: Tensor  # [0, 0, 1, 0]: c0 without the weight
+    e_w: Tensor  # [0, 1, 0, 0]: where the weight goes in c0
+    e_x: Tensor  # [1, 0, 0, 0]: where the weight goes in c1
     inc: Tensor  # scratch for the sums of a 0-d update, [w*x, w, 1 + 0*x, 0*x]
     finite: Tensor  # view of inc[2]: 1 for a finite x, NaN otherwise
     buf: Tensor  # scratch: inc * finite, cleaned
     coef: dict[float, _Coef]
 
 
+def _filled(values: list[float], device: torch.device) -> Tensor:
+    """A float64 vector of ``values`` made on ``device`` by fill kernels (Python scalars as kernel arguments)."""
+    out = torch.zeros(len(values), dtype=_F64, device=device)
+    for i, v in enumerate(values):
+        if v != 0.0:
+            out[i].fill_(v)
+    return out
+
+
 def _build_hot(metric: EMAMetric) -> _Hot:
-    """The per-device constants of ``metric``'s hot path, kept in its ``_hot`` until the state moves."""
+    """The hot path's constants for ``metric``'s state, kept in its ``_hot``; only views are rebuilt on the device."""
     sums = metric.sums
     dev = sums.device
-    inc = torch.zeros(4, dtype=_F64, device=dev)
-    hot = _Hot(
-        sums=sums,
-        num=sums[0],
-        den=sums[1],
-        decay=torch.tensor([metric._decay, metric._decay, 1.0, 1.0], dtype=_F64, device=dev),
-        keep=torch.ones(4, dtype=_F64, device=dev),
-        one=torch.ones((), dtype=_F64, device=dev),
-        zero=torch.zeros((), dtype=_F64, device=dev),
-        reject=torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=_F64, device=dev),
-        inc=inc,
-        finite=inc[2],
-        buf=torch.zeros(4, dtype=_F64, device=dev),
-        coef={},
-    )
+    old: _Hot | None = metric.__dict__.get("_hot")
+    if old is not None and old.device == dev:
+        hot = old._replace(sums=sums, num=sums[0], den=sums[1])
+    else:
+        inc = torch.zeros(4, dtype=_F64, device=dev)
+        hot = _Hot(
+            sums=sums,
+            num=sums[0],
+            den=sums[1],
+            device=dev,
+            cpu=dev.type == "cpu",
+            decay=_filled([metric._decay, metric._decay, 1.0, 1.0], dev),
+            keep=torch.ones(4, dtype=_F64, device=dev),
+            one=torch.ones((), dtype=_F64, device=dev),
+            zero=torch.zeros((), dtype=_F64, device=dev),
+            reject=_filled([0.0, 0.0, 0.0, 1.0], dev),
+            base=_filled([0.0, 0.0, 1.0, 0.0], dev),
+            e_w=_filled([0.0, 1.0, 0.0, 0.0], dev),
+            e_x=_filled([1.0, 0.0, 0.0, 0.0], dev),
+            inc=inc,
+            finite=inc[2],
+            buf=torch.zeros(4, dtype=_F64, device=dev),
+            coef={},
+        )
     metric.__dict__["_hot"] = hot
     return hot
 
 
 def _coef(hot: _Hot, weight: float) -> _Coef:
-    """The coefficients of a Python ``weight`` (cached in ``hot``; raises if it is not finite and non-negative)."""
+    """The coefficients of a Python ``weight`` (cached in ``hot``; raises if it is not finite and non-negative).
+
+    They are made on the device from the weight as a kernel argument (two kernels, no copy of host data); the 64 most
+    recent new weights are kept, so a constant weight (a batch size) costs nothing after its first update.
+    """
     w = as_float(weight, "weight")
     if not (w >= 0.0 and math.isfinite(w)):
         raise ValueError(f"Expected argument `weight` to be a finite non-negative number, but got {weight!r}")
-    dev = hot.sums.device
-    c0 = torch.tensor([0.0, w, 1.0, 0.0], dtype=_F64, device=dev)
-    c1 = torch.tensor([w, 0.0, 0.0, 0.0], dtype=_F64, device=dev)
+    c0 = torch.add(hot.base, hot.e_w, alpha=w)  # [0, w, 1, 0], exactly
+    c1 = torch.mul(hot.e_x, w)  # [w, 0, 0, 0]
     coef = _Coef(c0, c1, c0.unsqueeze(1), c1.unsqueeze(1), w > 1.0, 0.0 < w < 1.0, w)
-    if len(hot.coef) < 64:
-        hot.coef[w] = coef
+    if len(hot.coef) >= 64:
+        hot.coef.pop(next(iter(hot.coef)))
+    hot.coef[w] = coef
     return coef
 
 
-def _scalar_sums(hot: _Hot, coef: _Coef, x: Tensor) -> Tensor:
+def _scalar_sums(hot: _Hot, coef: _Coef, x: Tensor | float) -> Tensor:
     """The sums [w*x, w, 1, 0] of a 0-d value, zero if it is not finite; an overflowing w*x stays inf.
 
-    They come from one addcmul, ``c0 + x * c1``. A non-finite x makes the last three NaN and the first ±inf (NaN
-    for w = 0): with ``w <= 1`` no finite x can overflow the product, so cleaning every NaN and inf to 0 drops
-    exactly the non-finite values (4 kernels a forward). With ``w > 1`` the product may overflow: multiplying by
-    the third entry, ``1 + 0*x`` (1, or NaN for a non-finite x), makes every sum of a non-finite x NaN, and only
-    NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
+    They come from one kernel, ``c0 + x * c1`` (an ``addcmul`` for a tensor ``x``, an ``add`` with ``alpha=x`` for a
+    Python number: the same products, and no tensor made from host data). A non-finite x makes the last three NaN and
+    the first ±inf (NaN for w = 0): with ``w <= 1`` no finite x can overflow the product, so cleaning every NaN and
+    inf to 0 drops exactly the non-finite values (4 kernels a forward). With ``w > 1`` the product may overflow:
+    multiplying by the third entry, ``1 + 0*x`` (1, or NaN for a non-finite x), makes every sum of a non-finite x
+    NaN, and only NaN is cleaned, so an overflow stays inf for compute to report (one more kernel, about 1 us).
     """
     if not coef.may_overflow:
-        return torch.nan_to_num_(torch.addcmul(coef.c0, x, coef.c1), 0.0, 0.0, 0.0)  # inlined in _accumulate
-    torch.addcmul(coef.c0, x, coef.c1, out=hot.inc)
+        return torch.nan_to_num_(_sums_of(coef, x), 0.0, 0.0, 0.0)  # inlined in _accumulate
+    _sums_of(coef, x, out=hot.inc)
     return torch.nan_to_num_(torch.mul(hot.inc, hot.finite, out=hot.buf), 0.0, _INF, -_INF)
+
+
+def _sums_of(coef: _Coef, x: Tensor | float, out: Tensor | None = None) -> Tensor:
+    """``c0 + x * c1``: the unclean sums [w*x, w, 1 + 0*x, 0*x] of one value, a device tensor or a Python number."""
+    if isinstance(x, Tensor):
+        return torch.addcmul(coef.c0, x, coef.c1, out=out)  # type: ignore[arg-type]
+    return torch.add(coef.c0, coef.c1, alpha=x, out=out)  # type: ignore[arg-type]
 
 
 def _vector_sums(coef: _Coef, x: Tensor, clean: bool) -> Tensor:
@@ -190,6 +231,22 @@ def _tensor_weight_sums(metric: EMAMetric, hot: _Hot, x: Tensor, weight: Any) ->
     # a host sync.
     decay = hot.decay if metric._tick_decay() else hot.keep
     return torch.where(invalid, hot.reject, inc), torch.where(invalid, hot.keep, decay)
+
+
+def _host_number(t: Tensor, name: str, hot: _Hot) -> float:
+    """A CPU 0-d tensor given to a metric on an accelerator, as the host number it holds (a read of host memory).
+
+    Raises:
+        RuntimeError: If ``t`` has dims, or lives on another accelerator: the state is unchanged.
+
+    """
+    if t.device.type == "cpu" and t.dim() == 0:
+        return float(t)  # host memory: no device is read or waited for
+    raise RuntimeError(
+        f"Expected argument `{name}` to be on the metric's device ({hot.device}), a CPU 0-d tensor or a Python"
+        f" number, but got a tensor of shape {tuple(t.shape)} on {t.device}. Move it with `.to({str(hot.device)!r})`"
+        " (or move the metric with `.to(device)`); the state is unchanged."
+    )
 
 
 class EMAMetric(DecayedSumMetric):
@@ -297,30 +354,64 @@ class EMAMetric(DecayedSumMetric):
 
     # ------------------------------------------------------------------ hot path (the sums: the functions above)
     def _accumulate(self, value: Union[Tensor, float], weight: Union[Tensor, float]) -> _Hot:
-        """Add one update to the states. Validates everything before touching any state; no host sync."""
+        """Add one update to the states. Validates everything before touching any state; no host sync.
+
+        A value or weight given on the host (a Python number, or a CPU 0-d tensor for a metric on an accelerator)
+        reaches the kernels as a scalar argument: no tensor is made from it, so nothing is copied or waited for.
+        """
         d = self.__dict__
-        if d["_replica"]:
-            self._dereplicate()
-        if type(value) is Tensor:
-            x = value.detach() if value.requires_grad else value
-        else:
-            x = value.detach() if isinstance(value, Tensor) else as_tensor(value, "value")
-        if x.dtype not in VALUE_DTYPES or x.layout is not _STRIDED:
-            check_tensor(x, "value")
         hot: _Hot | None = d["_hot"]
         if hot is None or hot.sums is not d["sums"]:
             hot = _build_hot(self)
-        if d["_impute"] is not None:
-            x = torch.nan_to_num(x, d["_impute"], d["_impute"], d["_impute"])
+        if not hot.cpu and capturing(hot.device):
+            raise RuntimeError(
+                f"{type(self).__name__}.update cannot be captured in a CUDA graph: its tick count and value counter"
+                " are Python numbers, which a replay would not advance. Call it outside the captured region."
+            )
+        # the value: a tensor on the metric's device, or a number on the host
+        x: Tensor | float
+        if type(value) is float:
+            x = value
+        elif type(value) is int:
+            x = as_float(value, "value")
+        elif isinstance(value, Tensor):
+            x = value.detach() if value.requires_grad else value
+            if x.dtype not in VALUE_DTYPES or x.layout is not _STRIDED:
+                check_tensor(x, "value")
+            if x.device != hot.device:
+                x = _host_number(x, "value", hot)
+        else:
+            x = as_tensor(value, "value")  # a list, an array, another number type: host data
+            if not hot.cpu:
+                x = _host_number(x, "value", hot) if x.dim() == 0 else x.to(hot.device)
+        impute = d["_impute"]
+        if impute is not None:
+            if isinstance(x, Tensor):
+                x = torch.nan_to_num(x, impute, impute, impute)
+            elif not math.isfinite(x):
+                x = impute
+        # the weight: a number on the host, or a tensor on the metric's device
+        w: float | int | None = None
         if type(weight) is float or type(weight) is int:
-            coef = hot.coef.get(weight) or _coef(hot, weight)
+            w = weight
+        elif isinstance(weight, Tensor) and weight.device != hot.device:
+            check_tensor(weight, "weight")
+            w = _host_number(weight.detach(), "weight", hot)
+        if w is not None:
+            coef = hot.coef.get(w) or _coef(hot, w)
             lost = None
-            if coef.may_underflow:  # 0 < weight < 1: checked on the host for a Python value, else on the device
-                if type(value) is float or type(value) is int:
-                    _check_product(float(value), coef.w)
-                else:
+            if coef.may_underflow:  # 0 < weight < 1: checked on the host for a host value, else on the device
+                if isinstance(x, Tensor):
                     lost = _underflows(x, coef.w)
-            if x.dim() == 0:
+                else:
+                    _check_product(x, coef.w)
+            if not isinstance(x, Tensor):
+                numel = 1
+                if math.isfinite(x) or not d["_clean"]:
+                    inc = torch.add(coef.c0, coef.c1, alpha=x)  # a finite number needs no cleaning
+                else:
+                    inc = _scalar_sums(hot, coef, x)
+            elif x.dim() == 0:
                 numel = 1
                 if not d["_clean"]:
                     inc = torch.addcmul(coef.c0, x, coef.c1)
@@ -340,9 +431,13 @@ class EMAMetric(DecayedSumMetric):
             if lost is not None:
                 inc, decay = torch.where(lost, hot.reject, inc), torch.where(lost, hot.keep, decay)
         else:
+            if not isinstance(x, Tensor):
+                x = torch.full((), x, dtype=_F64, device=hot.device)  # a fill kernel: no host data is copied
             numel = x.numel()
             inc, decay = _tensor_weight_sums(self, hot, x, weight)
             in_tick = d["_in_tick"]
+        if d["_replica"]:  # everything is validated: the first update on a pooled replica keeps it on rank 0 only
+            self._dereplicate()
         torch.addcmul(inc, hot.sums, decay, out=hot.sums)
         d["_numel"] += numel
         if not in_tick:
@@ -350,7 +445,7 @@ class EMAMetric(DecayedSumMetric):
                 d["_ticks"] += 1
             else:
                 self._close_tick()
-        return hot  # type: ignore[no-any-return]
+        return hot
 
     def update(self, value: Union[Tensor, float], weight: Union[Tensor, float] = 1.0) -> None:
         """Add one tick (or, inside :meth:`tick`, one part of the open tick).
@@ -398,14 +493,24 @@ class EMAMetric(DecayedSumMetric):
             RuntimeError: If ``nan_strategy="error"`` and non-finite values were seen.
 
         """
-        return self._value_from_states({"sums": self.sums}, counters=self._counters_for_compute(), check=True)
+        counters = self._counters_for_compute()
+        return self._value_from_states({"sums": self.sums}, counters, check=True, known=self._known_for_compute())
 
     def _value_from_states(
-        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+        self,
+        states: dict[str, Tensor],
+        counters: dict[str, int] | None = None,
+        check: bool = False,
+        known: _sync.Pooled | None = None,
     ) -> Tensor:
         sums = states["sums"]
         if check:
-            num, den, finite, rejected = sums.tolist()
+            if known is not None and known.values is not None:  # the sync read the pooled sums already
+                num, den, finite, rejected = known.values
+            elif known is not None and known.finite and known.counts is not None:  # finite, and its counts
+                (num, den), (finite, rejected) = (0.0, 0.0), known.counts
+            else:
+                num, den, finite, rejected = sums.tolist()  # the one read-back of compute
             if rejected > 0:
                 raise ValueError(
                     f"{type(self).__name__}: {int(rejected)} update(s) were rejected because argument `weight` held"

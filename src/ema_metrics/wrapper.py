@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_mean, dim_zero_min, dim_zero_sum
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics.utilities import decay
 from ema_metrics.utilities.inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
@@ -79,11 +80,16 @@ class EMAWrapper(DecayedSumMetric):
     metric's ``update`` runs on zeroed scratch states, and its result is added to the decayed states only once it
     returned, so an update that raises (for example on badly shaped input) leaves the state as it was.
 
-    The wrapper reads no tensor back to the host in ``update`` and ``forward``; the wrapped metric's ``update`` may.
-    Pass ``validate_args=False`` to classification metrics, and ``nan_strategy="disable"`` (torchmetrics 1.7 and
-    later) to ``SumMetric`` and to an unweighted ``MeanMetric``, to make their updates free of host syncs too.
-    (torchmetrics 1.9 ignores ``MeanMetric``'s ``weight`` with ``nan_strategy="disable"``; for a weighted mean without
-    host syncs use :class:`~ema_metrics.EMAMetric`, which gives the same value.)
+    The wrapper's own work in ``update`` and ``forward`` (its scratch states, the finiteness check, the decay) reads no
+    tensor back to the host and copies no host data to the device; the wrapped metric's ``update`` may. Pass
+    ``validate_args=False`` to classification metrics, and ``nan_strategy="disable"`` (torchmetrics 1.7 and later) to
+    ``SumMetric`` and to an unweighted ``MeanMetric``, to make their updates free of host syncs too. (torchmetrics 1.9
+    ignores ``MeanMetric``'s ``weight`` with ``nan_strategy="disable"``; for a weighted mean without host syncs use
+    :class:`~ema_metrics.EMAMetric`, which gives the same value.) Multiclass and multilabel stat scores (accuracy,
+    precision, recall, F1 with ``top_k=1``) and confusion matrices count with ``torch.bincount``, which on a CUDA device
+    reads the largest class back to size its output: one sync per update whatever the wrapper does, unless
+    ``torch.use_deterministic_algorithms(True)`` makes torchmetrics count without it. Binary metrics and regression
+    metrics such as ``MeanSquaredError`` do not sync.
 
     Only metrics whose every state is a tensor reduced with ``"sum"`` across ranks and starting from zero can be
     decayed exactly; any other metric is rejected at construction.
@@ -216,6 +222,7 @@ class EMAWrapper(DecayedSumMetric):
         """
         d = self.__dict__
         check_update_tensors(args, kwargs, d.get("_update_names", []))
+        self._refuse_capture("update")
         if d["_replica"]:
             self._dereplicate()
         scratch = d["_scratch"]
@@ -288,12 +295,24 @@ class EMAWrapper(DecayedSumMetric):
         """
         states = self._local_states()
         if self._drop_nonfinite:
-            dropped = int(getattr(self, _DROPPED))
-            self._warned_nonfinite = report_dropped(
-                type(self).__name__, dropped, self.nan_strategy, self._warned_nonfinite
-            )
-            check_states_finite(type(self).__name__, states)
+            self._check_nonfinite(states, getattr(self, _DROPPED), self._known_for_compute())
         return self._base_compute(states)
+
+    def _check_nonfinite(self, states: dict[str, Tensor], dropped_state: Tensor, known: _sync.Pooled | None) -> None:
+        """Report the dropped updates and refuse overflowed states: from what a sync read, or with one read-back."""
+        if known is not None and known.values is not None:
+            dropped, finite = known.values[self._count_positions[0]], all(math.isfinite(v) for v in known.values)
+        elif known is not None and known.finite is not None and known.counts is not None:
+            dropped, finite = known.counts[0], known.finite
+        else:
+            flags = torch.stack([torch.isfinite(t).all() for t in states.values()]).to(_F64)
+            probe = torch.cat([dropped_state.reshape(1).to(_F64), flags]).tolist()  # the one read-back
+            dropped, finite = probe[0], all(probe[1:])
+        self._warned_nonfinite = report_dropped(
+            type(self).__name__, int(dropped), self.nan_strategy, self._warned_nonfinite
+        )
+        if not finite:
+            check_states_finite(type(self).__name__, states)  # raises, naming the state
 
     def _reset_counters(self) -> None:
         self._warned_nonfinite = 0
@@ -347,9 +366,19 @@ class EMAWrapper(DecayedSumMetric):
         return type(base).compute(base)
 
     def _value_from_states(
-        self, states: dict[str, Tensor], counters: dict[str, int] | None = None, check: bool = False
+        self,
+        states: dict[str, Tensor],
+        counters: dict[str, int] | None = None,
+        check: bool = False,
+        known: _sync.Pooled | None = None,
     ) -> Any:
-        """The value from (reduced) states, squeezed and cloned like ``compute``'s; the states are left as they are."""
+        """The value from (reduced) states, squeezed and cloned like ``compute``'s; the states are left as they are.
+
+        With ``check``, the checks of ``compute`` run first (dropped updates, overflowed states).
+        """
+        if check and self._drop_nonfinite:
+            wrapped = {target: states[target] for target in self._names.values()}
+            self._check_nonfinite(wrapped, states[_DROPPED], known)
         return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
 
     def _build_scratch(self) -> dict[str, Tensor]:

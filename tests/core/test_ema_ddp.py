@@ -29,6 +29,7 @@ Update = tuple[Any, Any]
 COLLECTIVES = (
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather_object",
     "all_reduce",
     "all_to_all",

@@ -34,7 +34,15 @@ CASES: list[tuple[str, bool, dict[str, Any]]] = [
     ("mean", False, {"half_life": 2.0}),
 ]
 N_TICKS = 9
-COLLECTIVES = ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast", "all_gather_object", "barrier")
+COLLECTIVES = (
+    "all_gather",
+    "all_reduce",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "broadcast",
+    "all_gather_object",
+    "barrier",
+)
 
 
 def make_streams(world_size: int, seed: int) -> dict[str, list[list[list[Any]]]]:

@@ -54,7 +54,17 @@ def feed(metrics: list[Any], data: list[dict[str, Any]]) -> None:
 class Counter:
     """Counts torch.distributed collectives while active."""
 
-    NAMES = ("all_gather", "all_reduce", "all_gather_object", "broadcast", "gather", "reduce", "barrier")
+    NAMES = (
+        "all_gather",
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "all_gather_object",
+        "broadcast",
+        "gather",
+        "reduce",
+        "barrier",
+    )
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -162,3 +172,45 @@ def spread(rank: int, world: int) -> dict[str, Any]:
         "max": [float(r.max) for r in results],
         "collectives": counter.calls,
     }
+
+
+def stalls_per_sync(rank: int, world: int) -> dict[str, Any]:
+    """Read-backs and copies of host data (what each would be on a GPU) of one sync of k metrics, by call form."""
+    from ema_metrics.integrations.lightning.checkpoint import pool_into_every_rank
+    from tests.device_utils import recording
+
+    out: dict[str, Any] = {}
+    for k in (1, 3, 8):
+        metrics = [EMAMetric(alpha=ALPHA) for _ in range(k)]
+        for i, m in enumerate(metrics):
+            m.update(float(rank + i), weight=1.0 + rank)
+        with recording(cpu_run=True) as record:
+            synced_values(metrics)
+        out[f"synced_values k={k}"] = record.summary()
+    metric = EMAMetric(alpha=ALPHA)
+    metric.update(float(rank))
+    with recording(cpu_run=True) as record:
+        metric.compute()
+    out["compute"] = record.summary()
+    other = EMAMetric(alpha=ALPHA)
+    other.update(2.0)
+    with recording(cpu_run=True) as record:
+        metric.merge_state(other)
+    out["merge_state"] = record.summary()
+    wrappers = [EMAWrapper(MeanSquaredError(), alpha=ALPHA), EMAWrapper(MulticlassConfusionMatrix(40), alpha=ALPHA)]
+    wrappers[0].update(torch.ones(3), torch.zeros(3))
+    wrappers[1].update(torch.arange(40), torch.arange(40))
+    for name, chosen in (("small wrapper", wrappers[:1]), ("large wrapper", wrappers[1:]), ("both", wrappers)):
+        with recording(cpu_run=True) as record:
+            synced_values(chosen)
+        out[f"synced_values {name}"] = record.summary()
+    with recording(cpu_run=True) as record:
+        wrappers[1].compute()
+    out["compute large wrapper"] = record.summary()
+    replicas = [EMAMetric(alpha=ALPHA) for _ in range(3)]
+    for m in replicas:
+        m.update(float(rank))
+    with recording(cpu_run=True) as record:
+        pool_into_every_rank(replicas)
+    out["pooled replicas after fit"] = record.summary()
+    return out

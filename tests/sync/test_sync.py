@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ema_metrics import EMAMetric, _sync
-from tests.ddp_utils import run_ddp
+from tests.ddp_utils import FLAT_GATHER, run_ddp
 from tests.sync import sync_workers as w
 
 SMALL, LARGE = 1024, 24  # first-collective sizes: everything inline, or only the descriptors
@@ -62,12 +62,12 @@ def test_both_paths_give_the_pooled_oracle_on_every_rank(world: int) -> None:
     for a, b in zip(small["values"], large["values"], strict=True):
         assert _close(a, b)
     # one collective for all three metrics when small; the descriptors' gather and one sum when large
-    assert small["together"] == ["all_gather"]
-    assert large["together"] == ["all_gather", "all_reduce"]
-    assert small["compute"] == ["all_gather"] * 3  # one per compute()
+    assert small["together"] == [FLAT_GATHER]
+    assert large["together"] == [FLAT_GATHER, "all_reduce"]
+    assert small["compute"] == [FLAT_GATHER] * 3  # one per compute()
     # compute() of each metric alone: only the confusion matrix (25 values) is too large to travel inline, and
     # compute() sums it as synced_values does: it never gathers a large state
-    assert large["compute"] == ["all_gather", "all_gather", "all_reduce", "all_gather"]
+    assert large["compute"] == [FLAT_GATHER, FLAT_GATHER, "all_reduce", FLAT_GATHER]
 
 
 @pytest.mark.ddp
@@ -143,7 +143,7 @@ def test_long_empty_runs_stay_exact_across_ranks(inline: int, silent: bool) -> N
     assert after == pytest.approx(before, rel=1e-12)  # 5000 empty ticks at alpha 0.5: 2**-5000 of decay
     assert resumed == pytest.approx(10.0, rel=1e-12)  # only rank 0's new value counts (rank 1 added weight 0)
     # renormalized states: inline, still the one collective; summed, one more small gather for the exact exponents
-    want = ["all_gather"] if inline == SMALL else ["all_gather", "all_gather", "all_reduce"]
+    want = [FLAT_GATHER] if inline == SMALL else [FLAT_GATHER, FLAT_GATHER, "all_reduce"]
     assert ranks[0]["collectives_after"] == want
 
 
@@ -213,7 +213,7 @@ def test_each_ranks_own_value_comes_with_the_same_collective(world: int) -> None
     own = [_own_emas(r) for r in range(world)]
     for res in results:
         assert res == results[0]  # the same on every rank
-        assert res["collectives"] == ["all_gather"]  # no extra collective for the spread
+        assert res["collectives"] == [FLAT_GATHER]  # no extra collective for the spread
     for i in range(2):
         per_rank = [o[i] for o in own]
         assert results[0]["ranks"][i] == pytest.approx(per_rank, rel=1e-12)
@@ -221,3 +221,33 @@ def test_each_ranks_own_value_comes_with_the_same_collective(world: int) -> None
         assert results[0]["max"][i] == pytest.approx(max(per_rank), rel=1e-12)
         assert min(per_rank) < results[0]["pooled"][i] < max(per_rank)
     assert own[0][1] != pytest.approx(own[1][1], rel=0.1)  # the ranks' data do differ
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_sync_of_k_metrics_reads_back_once_and_copies_host_data_once(world: int) -> None:
+    # On a GPU each read of a tensor's value on the host is a stall, and each tensor made from host data a copy. The
+    # sync counts them on the CPU: one read-back (every rank's descriptors, with the pooled small states or the
+    # probes of the large ones) and one copy (the descriptors made on the host), whatever the number of metrics.
+    for rank, res in enumerate(run_ddp(w.stalls_per_sync, world)):
+        for form, seen in res.items():
+            assert len(seen["reads"]) <= 1, f"rank {rank}, {form}: {seen}"
+            assert len(seen["copies"]) <= 1, f"rank {rank}, {form}: {seen}"
+            assert not seen["mixed"], f"rank {rank}, {form}: {seen}"
+
+
+def test_a_cpu_metric_under_nccl_is_pooled_through_a_buffer_on_the_current_cuda_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # NCCL takes CUDA tensors only; the plain quick start leaves the metric on the CPU (the GPU check pools one)
+    monkeypatch.setattr(_sync, "ready", lambda group=None: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    backend = {"name": "nccl"}
+    monkeypatch.setattr(_sync.dist, "get_backend", lambda group=None: backend["name"])
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    assert _sync.comm_device(None, cpu) == torch.device("cuda", 3)
+    assert _sync.comm_device(None, gpu) == gpu
+    backend["name"] = "gloo"
+    assert _sync.comm_device(None, cpu) == cpu
+    backend["name"] = "cpu:gloo,cuda:nccl"  # a group with both: CPU tensors go to gloo
+    assert _sync.comm_device(None, cpu) == cpu

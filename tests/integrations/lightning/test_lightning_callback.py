@@ -29,7 +29,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `
 import ema_metrics  # noqa: E402
 from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
-from tests.ddp_utils import require_gloo  # noqa: E402
+from tests.ddp_utils import FLAT_GATHER, require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
     DDP,
     N_FEATURES,
@@ -234,6 +234,7 @@ class CollectiveCounter(pl.Callback):
     NAMES = (
         "all_gather",
         "all_gather_into_tensor",
+        "all_gather_single",
         "all_gather_object",
         "all_reduce",
         "all_to_all",
@@ -568,7 +569,7 @@ def test_one_collective_per_step_for_all_metrics_of_all_instances(tmp_path: Path
         events = [tuple(e) for e in json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())]
         assert any(not from_ema for _, _, from_ema in events)  # the counter does see Lightning's own collectives
         from_ema = [(batch, name) for batch, name, ema in events if ema]
-        expected = [(b, "all_gather") for b in last_micro_batch] + [(None, "all_gather")]
+        expected = [(b, FLAT_GATHER) for b in last_micro_batch] + [(None, FLAT_GATHER)]
         assert from_ema == expected, f"rank {rank}: {events}"
 
     oracles = {

@@ -31,7 +31,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the Trainer tests need `ema_metrics[transformers]`")
 
-from tests.ddp_utils import free_port, require_gloo
+from tests.ddp_utils import FLAT_GATHER, free_port, require_gloo
 from tests.lightning_helpers import read_tb_metric
 
 WORKER = Path(__file__).resolve().parents[2] / "hf_worker.py"
@@ -176,7 +176,7 @@ def test_one_collective_per_logging_step_and_one_per_checkpoint(runs: dict[str, 
     for rank in runs["b"]:
         calls = [tuple(c) for c in rank["collectives"]]
         on_log = [(step, name) for step, name, caller in calls if caller == "on_log"]
-        assert on_log == [(s, "all_gather") for s in LOGGED]
+        assert on_log == [(s, FLAT_GATHER) for s in LOGGED]
         saves = [(step, caller) for step, _, caller in calls if caller != "on_log"]
         assert saves == [(6, "on_step_end"), (12, "on_step_end")]  # every rank's state, before save_steps=6 saves
 

@@ -28,8 +28,14 @@ def _train(tmp_path: Path, model: torch.nn.Module | None = None, **kwargs: Any) 
     callback = EMALossCallback(half_life=3)
     trainer_kwargs = {k: kwargs.pop(k) for k in ("compute_loss_func",) if k in kwargs}
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[], use_cpu=True,
-        save_strategy="no", disable_tqdm=True, **kwargs,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **kwargs,
     )
     torch.manual_seed(0)
     model = model if model is not None else GPT2LMHeadModel(GPT2Config(**CONFIG, eos_token_id=0))
@@ -74,8 +80,15 @@ def test_a_short_run_logs_loss_ema_and_unhooks_the_model(tmp_path: Path) -> None
 
 def test_resume_from_a_checkpoint_written_without_the_callback_warns_and_restarts(tmp_path: Path) -> None:
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[], use_cpu=True,
-        save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        disable_tqdm=True,
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**CONFIG, eos_token_id=0))

@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ema_metrics._fast import compiling, run_eagerly
 from ema_metrics._functions import synced_values, synced_values_by_rank
 from ema_metrics.ema import EMAMetric
 from ema_metrics.integrations.transformers import internals
@@ -246,6 +247,8 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             self._hook = None
 
     def _on_forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if compiling():  # a compiled model (`torch_compile=True`): the hook runs eagerly, one deliberate graph break
+            return run_eagerly(self._on_forward, module, args, kwargs, output)  # type: ignore[no-any-return]
         if not module.training or not self.metric.in_tick:
             return  # evaluation, or a call outside the training loop
         labels = kwargs.get("labels")
@@ -259,9 +262,16 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             )
         count = self._count(labels, kwargs.get("shift_labels")).to(loss.device)
         num_items = kwargs.get("num_items_in_batch")
-        # The model's loss is a mean over `count` tokens, or a sum divided by `num_items_in_batch` when it is passed.
-        scale = count if num_items is None else torch.as_tensor(num_items, device=loss.device)
-        total = loss.detach().to(torch.float64) * scale.to(torch.float64)
+        # The model's loss is a mean over `count` tokens, or a sum divided by `num_items_in_batch` when it is passed:
+        # a tensor on the device, or a number on the host (transformers 4.46-4.48, Unsloth), which multiplies as a
+        # kernel argument instead of being copied to the device.
+        loss64 = loss.detach().to(torch.float64)
+        if num_items is None:
+            total = loss64 * count.to(torch.float64)
+        elif isinstance(num_items, Tensor) and (num_items.device == loss.device or num_items.dim() > 0):
+            total = loss64 * num_items.to(device=loss.device, dtype=torch.float64)
+        else:
+            total = loss64 * float(num_items)  # a Python number, or a CPU 0-d tensor (host memory)
         value = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         if self.metric.device != loss.device:
             self.metric.to(loss.device)
