@@ -438,13 +438,11 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
     else:  # the states to sum are copied while the descriptors travel
         gathered, summands = _gather_while(local.vector, group, lambda: flat(*states))
     n_head = min(HEADER + local.n_desc, INLINE)
-    n_states = sum(local.sizes) if local.inline else local.n_probe
-    # The one read-back of the sync: every rank's descriptors and, for small states, their plain sum (the pooled
-    # states in the usual case, where no rank renormalized and none holds a replica), or every rank's probe.
-    region = gathered[:, : n_head + n_states]
-    guess = region[:, n_head:].sum(dim=0) if local.inline else None
-    host = torch.cat([region.reshape(-1), *([] if guess is None else [guess])]).tolist()
-    width = region.shape[1]
+    # The one read-back of the sync: every rank's descriptors (and, for large states, its probe) and, for small
+    # states, their plain sum: the pooled states in the usual case, where no rank renormalized and none holds a replica.
+    width = n_head + local.n_probe
+    guess = gathered[:, n_head : n_head + sum(local.sizes)].sum(dim=0) if local.inline else None
+    host = torch.cat([gathered[:, :width].reshape(-1), *([] if guess is None else [guess])]).tolist()
     host_rows = [host[r * width : (r + 1) * width] for r in range(gathered.shape[0])]
     desc = [row[:n_head] for row in host_rows]
     check(desc, [s.kind for s in states], INLINE)

@@ -370,16 +370,16 @@ class EMAMetric(DecayedSumMetric):
             )
         # the value: a tensor on the metric's device, or a number on the host
         x: Tensor | float
-        if type(value) is float:
-            x = value
-        elif type(value) is int:
-            x = as_float(value, "value")
-        elif isinstance(value, Tensor):
+        if isinstance(value, Tensor):
             x = value.detach() if value.requires_grad else value
             if x.dtype not in VALUE_DTYPES or x.layout is not _STRIDED:
                 check_tensor(x, "value")
             if x.device != hot.device:
                 x = _host_number(x, "value", hot)
+        elif type(value) is float:
+            x = value
+        elif type(value) is int:
+            x = as_float(value, "value")
         else:
             x = as_tensor(value, "value")  # a list, an array, another number type: host data
             if not hot.cpu:

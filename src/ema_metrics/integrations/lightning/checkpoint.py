@@ -73,6 +73,7 @@ def gather_vectors(metrics: Sequence[DecayedSumMetric]) -> list[Tensor]:
     packed = torch.cat([state_vector(m) for m in metrics])
     if _sync.ready():
         world, rank = _sync.world(), _sync.rank()
+        packed = packed.to(_sync.comm_device(None, packed.device))  # NCCL takes CUDA tensors only
         targets = list(packed.new_empty((world, packed.numel())).unbind(0)) if rank == 0 else None
         torch.distributed.gather(packed, targets, dst=0)
         rows = torch.stack(targets) if targets is not None else packed.unsqueeze(0)

@@ -37,8 +37,10 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     **How the loss is seen.** A forward hook (with keyword arguments) on the model the Trainer trains: it receives
     the ``labels``, the model's own ``loss`` and the ``num_items_in_batch`` the Trainer passed, if any. That is the
     least invasive exact hook: no ``Trainer`` subclass, no change to ``compute_loss``, and no second pass over the
-    logits. The Trainer's own per-micro-batch loss cannot be used: it is already rescaled (for accumulation and the
-    number of processes) in ways that depend on the model and the Trainer version. Per micro-batch the hook adds the
+    logits. Forwards that train nothing are not counted: in eval mode, with gradients disabled (``generate()``, a
+    reference model's forward through the policy), or outside the optimizer step's tick. The Trainer's own
+    per-micro-batch loss cannot be used: it is already rescaled (for accumulation and the number of processes) in ways
+    that depend on the model and the Trainer version. Per micro-batch the hook adds the
     token-summed loss and the token count to the open tick as device tensors: no collective, no host read-back (the
     Trainer itself reads every micro-batch's loss back while ``logging_nan_inf_filter=True``, its default).
 
@@ -53,7 +55,9 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     Trainer's gradient scaling assumes the same; a loss that ignores a ``num_items_in_batch`` it is passed, such as
     the MSE of a regression head, is not supported).
 
-    **Refused setups**, which change the loss out of the hook's sight: ``label_smoothing_factor`` (at train begin),
+    **Refused setups**, which change the loss out of the hook's sight: TRL trainers other than ``SFTTrainer`` with
+    ``loss_type="nll"`` (DPO, GRPO, KTO, RLOO, reward, distillation: they optimize a loss of their own while calling the
+    model with labels; at train begin), ``label_smoothing_factor`` (at train begin),
     several GPUs in one process (``DataParallel``; launch one process per GPU), and at the first micro-batch a model
     called without ``labels`` or returning no loss (``compute_loss_func`` and label smoothing take the labels out of
     the model call). A ``compute_loss`` override that computes another loss from the outputs is not seen.
@@ -171,6 +175,14 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """Check the setup, move before the reporters, hook the model and restore a resumed state."""
+        problem = internals.trl_refusal(args)
+        if problem is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot smooth this run's loss: {problem}, so `{self.name}` would be another"
+                " number than the `loss` the trainer logs and optimizes. It supports the Trainer and TRL's SFTTrainer"
+                " with loss_type='nll'. To smooth another trainer's loss, update an EMAMetric with what its"
+                " compute_loss returns."
+            )
         if args.label_smoothing_factor:
             raise ValueError(
                 f"{type(self).__name__} cannot see the loss with label smoothing: the Trainer computes it outside the"
@@ -249,16 +261,20 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     def _on_forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if compiling():  # a compiled model (`torch_compile=True`): the hook runs eagerly, one deliberate graph break
             return run_eagerly(self._on_forward, module, args, kwargs, output)  # type: ignore[no-any-return]
-        if not module.training or not self.metric.in_tick:
-            return  # evaluation, or a call outside the training loop
+        if not module.training or not self.metric.in_tick or not torch.is_grad_enabled():
+            # evaluation, a call outside the training loop, or a forward that trains nothing: generation (generate()
+            # runs under no_grad, also in training mode) and reference forwards (under no_grad)
+            return
         labels = kwargs.get("labels")
         loss = internals.model_loss(output) if isinstance(labels, Tensor) else None
         if not isinstance(labels, Tensor) or loss is None or loss.numel() != 1:
             got = "no `labels`" if not isinstance(labels, Tensor) else f"`labels` but returned loss {loss!r}"
             raise RuntimeError(
-                f"{type(self).__name__} needs the model to be called with `labels` and to return its scalar loss, but"
-                f" the model was called with {got}. `compute_loss_func` and label smoothing take the labels out of"
-                " the model call; a batch without `labels` has no loss to smooth."
+                f"{type(self).__name__} needs every training forward (training mode, gradients enabled) to get"
+                f" `labels` and return its scalar loss, but the model was called with {got}. A trainer that computes"
+                " its loss outside the model (`compute_loss_func`, label smoothing, a compute_loss override that"
+                " passes no labels) hides the loss from the model call; a batch without `labels` has no loss to"
+                " smooth."
             )
         count = self._count(labels, kwargs.get("shift_labels")).to(loss.device)
         num_items = kwargs.get("num_items_in_batch")

@@ -84,3 +84,31 @@ def model_loss(output: Any) -> Tensor | None:
     else:
         loss = None
     return loss if isinstance(loss, Tensor) else None
+
+
+def trl_refusal(args: Any) -> str | None:
+    """Why the model's labelled loss is not the loss of the TRL trainer that ``args`` configures, or ``None``.
+
+    TRL's trainers take a config that subclasses ``TrainingArguments`` (``DPOConfig``, ``GRPOConfig``, ...; TRL 0.9 to
+    1.16), so the config tells the trainer without reaching it (callbacks are not given the trainer). Only
+    ``SFTConfig`` with ``loss_type="nll"`` (its default) trains on the negative log-likelihood of the labels the model
+    is called with; every other TRL trainer optimizes a loss of its own (preference, reward, policy-gradient,
+    distillation) while it calls the model with completion labels, and SFT's ``loss_type="dft"`` reweights the NLL.
+    """
+    trl_class = next((c for c in type(args).__mro__ if c.__module__.split(".")[0] == "trl"), None)
+    if trl_class is None:
+        return None
+    name = trl_class.__name__
+    if name == "SFTConfig":
+        loss_type = getattr(args, "loss_type", "nll")
+        if loss_type in (None, "nll"):
+            return None
+        return (
+            f"SFTTrainer with loss_type={loss_type!r} optimizes another loss than the negative log-likelihood of the"
+            " labels, which the model returns"
+        )
+    trainer = f"{name[: -len('Config')]}Trainer" if name.endswith("Config") else f"the trainer of {name}"
+    return (
+        f"{trainer} ({name}) optimizes a loss of its own, not the language-model loss of the labels that the model"
+        " returns (its generation and reference forwards call the model too)"
+    )
