@@ -390,18 +390,11 @@ def _probe(s: SyncState) -> Tensor:
     pooled states are finite when the magnitudes add up to less than ``2 ** 1023``; the never-decayed entries (counts
     such as dropped updates) add up exactly.
     """
-    values = [t.reshape(-1) for t in s.states.values()]
-    peaks = torch.stack([_peak(v) for v in values]).amax().reshape(1)
+    values = [t.reshape(-1).to(_F64) for t in s.states.values()]
+    peak = decay.peak_magnitude(values, [None] * len(values)).reshape(1)  # every entry, counts included
     if not s.count_positions or s.count_index is None:
-        return peaks.to(_F64)
-    return torch.cat([peaks.to(_F64), torch.cat(values).to(_F64)[s.count_index]])
-
-
-def _peak(values: Tensor) -> Tensor:
-    if values.numel() == 0:
-        return values.new_zeros((), dtype=_F64)
-    low, high = torch.aminmax(values.to(_F64))
-    return torch.maximum(high, -low)
+        return peak
+    return torch.cat([peak, torch.cat(values)[s.count_index]])
 
 
 def _states_of(metrics: Sequence[Poolable] | Sequence[SyncState]) -> list[SyncState]:

@@ -31,6 +31,7 @@ __all__ = [
     "decay_add_",
     "effective_scale",
     "factor",
+    "peak_magnitude",
     "renorm_interval",
     "renormalize_",
     "without_past",
@@ -70,7 +71,7 @@ def renorm_interval(beta: float) -> int:
 Mask = Tensor | None  # the decayed entries of a state; None: all of them
 
 
-def _largest(states: Sequence[Tensor], masks: Sequence[Mask]) -> Tensor:
+def peak_magnitude(states: Sequence[Tensor], masks: Sequence[Mask]) -> Tensor:
     """The largest magnitude of the decayed entries of a metric (a 0-d device tensor; one pass per state).
 
     One ``aminmax`` pass (NaN propagates): several times faster on CPU than ``vector_norm(ord=inf)``.
@@ -99,7 +100,7 @@ def _scaled_(state: Tensor, mask: Mask, shift: Tensor) -> None:
 
 def effective_scale(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -> Tensor:
     """The exponent the stored mantissas are at: ``scale`` while they are tiny, 0 once data arrived, -inf if empty."""
-    largest = _largest(states, masks)
+    largest = peak_magnitude(states, masks)
     at_zero = torch.zeros_like(scale)
     current = torch.where(largest >= _TINY, at_zero, scale)
     return torch.where(largest > 0, current, torch.full_like(scale, -math.inf))
@@ -111,7 +112,7 @@ def canonical_(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -
     A true magnitude of at least ``2 ** TINY_EXP`` is held at scale 0; a smaller one has its largest mantissa in
     ``[2 ** (TINY_EXP - 1), 2 ** TINY_EXP)``. Only powers of two are applied: exact, no host sync.
     """
-    largest = _largest(states, masks)
+    largest = peak_magnitude(states, masks)
     exponent = torch.frexp(largest).exponent.to(scale.dtype)  # largest in [2 ** (e - 1), 2 ** e)
     true_exponent = exponent + scale
     tiny = torch.logical_and(largest > 0, true_exponent < TINY_EXP)
@@ -124,7 +125,7 @@ def canonical_(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -
 
 def renormalize_(states: Sequence[Tensor], masks: Sequence[Mask], scale: Tensor) -> None:
     """Keep a metric's decayed states representable (see the module docstring); in place, no host sync."""
-    scale.copy_(torch.where(_largest(states, masks) >= _TINY, torch.zeros_like(scale), scale))
+    scale.copy_(torch.where(peak_magnitude(states, masks) >= _TINY, torch.zeros_like(scale), scale))
     canonical_(states, masks, scale)
 
 
@@ -136,7 +137,7 @@ def without_past(states: dict[str, Tensor], masks: Sequence[Mask]) -> dict[str, 
     After ticks without any data nothing is cleared, and the last value stays.
     """
     values = list(states.values())
-    floor = _largest(values, masks) * 2.0**-200
+    floor = peak_magnitude(values, masks) * 2.0**-200
     return {
         name: torch.where(
             state.abs() < floor if mask is None else torch.logical_and(mask, state.abs() < floor),
