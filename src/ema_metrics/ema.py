@@ -563,14 +563,6 @@ class EMAMetric(DecayedSumMetric):
         self._numel = 0
         self._warned_nonfinite = 0
 
-    def _apply(self, fn: Any, exclude_state: Any = "") -> torch.nn.Module:
-        this = super()._apply(fn, exclude_state)  # the states stay float64 and follow the device (see the base)
-        if isinstance(this, EMAMetric):
-            hot = this.__dict__.get("_hot")
-            if hot is None or hot.sums is not this.sums:  # the state moved: rebuild the per-device constants
-                this.__dict__["_hot"] = None
-        return this
-
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the hot-path constants (rebuilt on first use, on the device the states are on)."""
         state = super().__getstate__()
