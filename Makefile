@@ -58,7 +58,7 @@ bench: $(STAMP)
 # On a machine with a CUDA GPU: install a CUDA build of torch first (for example TORCH_SPEC="torch==2.13.0" with the
 # CUDA wheel index in pip's configuration), then this prints and writes the JSON summary (about a minute).
 gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
+	PYTHONPATH=. $(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) dist build

@@ -12,6 +12,12 @@ prints a short JSON summary and exits non-zero if a check failed:
   the profiler's count of host-device copies per sync (expected: at most one each way, whatever k).
 - ``cuda_graph``: capturing ``update`` in a CUDA graph raises a clear error (the tick count is a Python number).
 - ``timing``: microseconds per call of ``EMAMetric`` and ``MeanMetric`` in the same run.
+- ``lightning``: a real Lightning fit on the device (bf16-mixed on CUDA, ``accumulate_grad_batches=2``) with an
+  ``EMAMetric`` logged by the module and the zero-code key, read back from the CSV log against a float64 oracle over the
+  per-sample losses recorded on the device.
+- ``transformers``: a real Hugging Face ``Trainer`` run on the device (bf16 on CUDA) with ``EMALossCallback``, its
+  ``loss_ema`` against a float64 oracle over per-token losses recomputed from the logits; then the same run with
+  ``torch_compile=True``: no frame compiled after the first steps, and the eager values to float32 rounding.
 
 ``--device cpu`` runs the same script on the CPU with a gloo group (no sync debug mode, no graph): the test suite
 runs it that way so that the script stays in step with the code.
@@ -37,6 +43,8 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.regression import MeanSquaredError
 
 from ema_metrics import EMAMetric, EMAWrapper, _sync, synced_values
+
+HALF_LIFE = 3.0
 
 
 def _free_port() -> int:
@@ -211,6 +219,161 @@ def timing(device: torch.device, calls: int) -> dict[str, Any]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def _ema_curve(sums: list[float], counts: list[float]) -> list[float]:
+    """Float64 debiased weighted EMA after each step, from its closed form."""
+    beta = 0.5 ** (1.0 / HALF_LIFE)
+    return [
+        sum(beta ** (t - i) * sums[i] for i in range(t + 1)) / sum(beta ** (t - i) * counts[i] for i in range(t + 1))
+        for t in range(len(sums))
+    ]
+
+
+def _close(a: list[float], b: list[float], rel: float) -> bool:
+    return len(a) == len(b) > 0 and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b, strict=True))
+
+
+def check_lightning(device: torch.device, steps: int = 8) -> dict[str, Any]:
+    """A Lightning fit on the device: the logged EMA (module metric and zero-code key) against a float64 oracle."""
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    from ema_metrics.lightning import EMAMetricsCallback
+    from tests.lightning_helpers import IndexedData, loader, read_csv_metric
+
+    cuda = device.type == "cuda"
+    recorded: list[tuple[int, torch.Tensor]] = []  # (optimizer step, per-sample losses), kept on the device
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = torch.nn.Linear(4, 1)
+            self.train_loss = EMAMetric(half_life=HALF_LIFE)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y, _ = batch
+            per_sample = (self.layer(x).squeeze(-1) - y) ** 2
+            loss = per_sample.mean()
+            self.train_loss(loss, weight=len(y))
+            self.log("train_loss", self.train_loss, on_step=True, on_epoch=False)
+            recorded.append((self.trainer.fit_loop.epoch_loop._batches_that_stepped, per_sample.detach().double()))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def train_dataloader(self) -> Any:
+            return loader(IndexedData(steps * 2 * 4), 4)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            default_root_dir=tmp,
+            accelerator="gpu" if cuda else "cpu",
+            devices=1,
+            precision="bf16-mixed" if cuda else "32-true",
+            max_epochs=1,
+            accumulate_grad_batches=2,
+            log_every_n_steps=1,
+            logger=pl.loggers.CSVLogger(tmp, name="csv"),
+            callbacks=[EMAMetricsCallback(keys={"loss": "loss_ema"}, half_life=HALF_LIFE)],
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Regression())
+        module_curve = read_csv_metric(tmp, "train_loss")
+        key_curve = read_csv_metric(tmp, "loss_ema")
+    sums, counts = [0.0] * steps, [0.0] * steps
+    for step, losses in recorded:
+        sums[step] += float(losses.sum())
+        counts[step] += losses.numel()
+    oracle = _ema_curve(sums, counts)
+    out = {
+        "precision": trainer.precision,
+        "module metric": [round(v, 6) for _, v in module_curve],
+        "oracle": [round(v, 6) for v in oracle],
+        "module metric matches": _close([v for _, v in module_curve], oracle, 1e-5),
+        "zero-code key matches": _close([v for _, v in key_curve], oracle, 1e-5),
+        "steps": [s for s, _ in module_curve],
+    }
+    out["ok"] = out["module metric matches"] and out["zero-code key matches"] and out["steps"] == list(range(steps))
+    return out
+
+
+def _hf_run(device: torch.device, compile_: bool, steps: int) -> tuple[list[float], list[float], list[int]]:
+    """One tiny GPT-2 Trainer run: (logged loss_ema, float64 oracle, dynamo frames after each step)."""
+    import tempfile
+
+    import torch._dynamo as dynamo
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from ema_metrics.transformers import EMALossCallback
+    from tests.hf_worker import SEQ, VOCAB, make_data, make_recorder
+
+    class Frames(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.frames: list[int] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.frames.append(int(dynamo.utils.counters["frames"]["total"]))
+
+    dynamo.reset()
+    cuda = device.type == "cuda"
+    records: dict[str, Any] = {"tokens": {}}
+    callback, frames = EMALossCallback(half_life=HALF_LIFE), Frames()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
+    )
+    config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})  # compiled dropout draws other numbers
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=steps,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=not cuda,
+            bf16=cuda,
+            save_strategy="no",
+            disable_tqdm=True,
+            torch_compile=compile_,
+        )
+        trainer = Trainer(
+            model=GPT2LMHeadModel(config),
+            args=args,
+            train_dataset=make_data(4 * steps, seed=1),
+            # the recorder reads its own float64 losses back: only in the eager run, where it compiles nothing
+            callbacks=[callback, frames] + ([] if compile_ else [make_recorder(None, records)]),
+        )
+        trainer.train()
+    logged = [h["loss_ema"] for h in trainer.state.log_history if "loss_ema" in h]
+    if compile_:
+        return logged, [], frames.frames
+    rows = [records["tokens"][str(s)] for s in range(steps)]
+    oracle = _ema_curve([sum(t for t, _ in r) for r in rows], [float(sum(n for _, n in r)) for r in rows])
+    return logged, oracle, frames.frames
+
+
+def check_transformers(device: torch.device, steps: int = 8) -> dict[str, Any]:
+    """A Trainer run on the device against a float64 oracle; the compiled run recompiles nothing after its start."""
+    eager, oracle, _ = _hf_run(device, compile_=False, steps=steps)
+    out: dict[str, Any] = {
+        "loss_ema": [round(v, 6) for v in eager],
+        "oracle": [round(v, 6) for v in oracle],
+        "matches oracle": _close(eager, oracle, 1e-4),  # bf16 autocast logits, each side summed in its own order
+    }
+    compiled, _, frames = _hf_run(device, compile_=True, steps=steps)
+    out["compiled frames per step"] = frames
+    out["compiled frames flat"] = len(frames) == steps and frames[-1] == frames[1]
+    out["compiled matches eager"] = _close(compiled, eager, 1e-3 if device.type == "cuda" else 1e-5)
+    out["ok"] = out["matches oracle"] and out["compiled frames flat"] and out["compiled matches eager"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run of the script)")
@@ -231,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         ("sync", check_sync),
         ("cuda_graph", check_cuda_graph),
         ("timing", lambda d: timing(d, args.calls)),
+        ("lightning", check_lightning),
+        ("transformers", check_transformers),
     ):
         try:
             summary[name] = check(device)

@@ -2,7 +2,8 @@
 
 On a GPU the same script turns every hidden synchronization into an error and counts the copies between host and
 device with the profiler; here it checks that the script runs the current code end to end, so that it is ready when a
-GPU is at hand, and that its forced one-process collectives give the local values.
+GPU is at hand, that its forced one-process collectives give the local values, and that its Lightning and Trainer runs
+log the values of their float64 oracles (``docs/gpu.md`` has what it printed on an H100).
 """
 
 from __future__ import annotations
@@ -36,3 +37,8 @@ def test_the_gpu_check_runs_on_the_cpu() -> None:
     assert all(summary["sync"][f"synced_values k={k}"]["equal_local"] for k in (1, 3, 8))
     assert summary["sync"]["cpu metric"]["value"] == 4.0
     assert summary["timing"]["forward / MeanMetric.forward"] < 1.0
+    lightning = summary["lightning"]  # a real fit, read back from its CSV log, against the recorded losses
+    assert lightning["module metric matches"] and lightning["zero-code key matches"]
+    assert lightning["steps"] == list(range(8))
+    hf = summary["transformers"]  # a real Trainer run against per-token losses recomputed from the logits
+    assert hf["matches oracle"] and hf["compiled matches eager"] and hf["compiled frames flat"]
