@@ -26,6 +26,7 @@ runs it that way so that the script stays in step with the code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         ("transformers", check_transformers),
     ):
         try:
-            summary[name] = check(device)
+            with contextlib.redirect_stdout(sys.stderr):  # what the trainers print: stdout is the summary alone
+                summary[name] = check(device)
         except Exception:
             summary[name] = {"ok": False, "error": traceback.format_exc()[-2000:]}
     summary["ok"] = all(v.get("ok", True) for v in summary.values() if isinstance(v, dict))
