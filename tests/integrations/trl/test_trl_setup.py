@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("trl", reason="the TRL tests need `ema_metrics[trl]`")
 
-from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
 
 from ema_metrics.trl import EMATRLCallback, attach
 from tests.device_utils import recording
@@ -35,9 +35,12 @@ def _bare(cls: Any, **attributes: Any) -> Any:
 @pytest.mark.parametrize(
     ("trainer", "match"),
     [
-        (_bare(SFTTrainer), r"argument `trainer` = SFTTrainer\. For the loss .* use ema_metrics\.transformers"),
-        (object(), r"GRPOTrainer and DPOTrainer, but got argument `trainer` = object"),
+        (_bare(RewardTrainer), r"argument `trainer` = RewardTrainer\. For the loss .* use ema_metrics\.transformers"),
+        (object(), r"GRPOTrainer, DPOTrainer, SFTTrainer, but got argument `trainer` = object"),
         (_bare(GRPOTrainer, loss_type="ppo"), r"does not know how GRPO's loss_type='ppo' normalizes the loss"),
+        (_bare(SFTTrainer, compute_loss_func=len), r"this SFTTrainer's loss: it has a `compute_loss_func`"),
+        (_bare(SFTTrainer, compute_loss_func=None, label_smoother=len), r"label smoothing computes its loss outside"),
+        (_bare(SFTTrainer, aux_loss_enabled=True), r"auxiliary loss \(a per-micro-batch mean\)"),
     ],
 )
 def test_unsupported_trainers_are_refused_and_left_unchanged(trainer: Any, match: str) -> None:
@@ -151,3 +154,34 @@ def test_grpo_micro_batches_read_nothing_back_and_copy_nothing(loss_type: str) -
         "kl": 2,
         "entropy": 2,
     }
+
+
+@pytest.mark.parametrize("num_items", [None, 9, "device"])
+def test_sft_micro_batches_read_nothing_back_and_copy_nothing(num_items: Any) -> None:
+    trainer = _bare(
+        SFTTrainer,
+        args=SimpleNamespace(average_tokens_across_devices=True),
+        accelerator=SimpleNamespace(num_processes=1),
+        get_tp_size=lambda: 1,
+    )
+    loss = torch.full((), 0.5, device=DEV)
+
+    def compute_loss(model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        for key in ("mean_token_accuracy", "entropy"):
+            trainer._metrics["train"][key].append(0.25)
+        return loss
+
+    trainer.compute_loss = compute_loss
+    callback = EMATRLCallback(trainer, half_life=3)
+    for metric in callback.metrics.values():
+        metric.to(DEV)
+    items = torch.full((), 9, device=DEV) if num_items == "device" else num_items
+    inputs = {"labels": torch.ones((2, 6), dtype=torch.long, device=DEV)}
+    callback.on_step_begin(None, None, None)
+    with recording() as record:
+        for _ in range(2):
+            trainer.compute_loss(torch.nn.Linear(2, 2).train(), inputs, num_items_in_batch=items)
+    assert not record, record.summary()
+    assert {key: metric._numel for key, metric in callback.metrics.items()} == dict.fromkeys(
+        ["loss", "mean_token_accuracy", "entropy"], 2
+    )

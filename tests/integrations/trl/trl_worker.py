@@ -120,6 +120,29 @@ def _rewards(records: dict[str, Any], name: str, rank: int) -> Any:
     return reward
 
 
+def _token_losses(trainer: Any, records: dict[str, Any]) -> Any:
+    """A forward hook: every training micro-batch's float64 token losses from a forward of the model's own submodules.
+
+    TRL's SFT calls the model through a fused head that returns no logits, so the hook recomputes them from the
+    transformer and its head (submodule calls, which no hook on the model sees) and records, per micro-batch, the
+    summed negative log-likelihood, the summed DFT loss (``nll * exp(-nll)``) and the number of tokens.
+    """
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            inputs = {k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in kwargs}
+            logits = module.lm_head(module.transformer(**inputs).last_hidden_state).to(torch.float64)[:, :-1]
+        labels = kwargs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        valid = labels != -100
+        entry = [float(nll[valid].sum()), float((nll * torch.exp(-nll))[valid].sum()), int(valid.sum())]
+        records.setdefault("tokens", {}).setdefault(str(trainer.state.global_step), []).append(entry)
+
+    return hook
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train as ``cfg`` says and return this rank's records (``log_history``, the recorder's values)."""
     from datasets import Dataset
@@ -144,7 +167,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     records: dict[str, Any] = {}
     trainer: Any
-    if cfg["kind"] == "dpo":
+    if cfg["kind"] == "sft":
+        pass  # built below
+    elif cfg["kind"] == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(beta=0.5, **common)
@@ -176,7 +201,31 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             train_dataset=Dataset.from_list([{"prompt": f"w{3 + i % 37} w{3 + (i * 3) % 37}"} for i in range(64)]),
             processing_class=tokenizer(),
         )
-    callback = attach(trainer, half_life=cfg["half_life"])
+    if cfg["kind"] == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        from ema_metrics.transformers import EMALossCallback
+
+        args = SFTConfig(loss_type=cfg.get("loss_type", "nll"), bf16=False, **common)  # float32: a tight oracle
+        rng = torch.Generator().manual_seed(0)
+        texts = [
+            " ".join(
+                f"w{int(i)}"
+                for i in torch.randint(3, 40, (int(torch.randint(2, 12, (1,), generator=rng)),), generator=rng)
+            )
+            for _ in range(cfg["samples"])
+        ]
+        callbacks = [EMALossCallback(half_life=cfg["half_life"])] if cfg.get("loss_type", "nll") == "nll" else []
+        trainer = SFTTrainer(
+            model=model(),  # small weights: padding moves GPT-2's numbers by float32 rounding only
+            args=args,
+            train_dataset=Dataset.from_list([{"text": t} for t in texts]),
+            processing_class=tokenizer(),
+            callbacks=callbacks,
+        )
+        trainer._get_train_sampler = lambda *_, **__: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        trainer.model.register_forward_hook(_token_losses(trainer, records), with_kwargs=True)
+    callback = attach(trainer, half_life=cfg["half_life"], suffix=cfg.get("suffix", "_ema"))
     recorder = _Recorder(trainer)
     trainer.train(resume_from_checkpoint=cfg.get("resume"))
     records.update(recorder.records)

@@ -44,6 +44,10 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
       token.
     - ``DPOTrainer``: ``loss``, ``rewards/chosen|rejected|accuracies|margins`` and ``logps/chosen|rejected`` per
       pair; ``entropy`` and ``mean_token_accuracy`` per completion token.
+    - ``SFTTrainer``: ``loss`` per token (the negative log-likelihood, or DFT's loss with ``loss_type="dft"``, summed
+      over the micro-batch's shifted labels and divided by their count, whatever count the Trainer divided by),
+      ``mean_token_accuracy`` and ``entropy`` per token. Refused with ``compute_loss_func``, label smoothing or a
+      mixture-of-experts auxiliary loss (at construction), whose losses are not sums over tokens known here.
 
     **How the numbers are seen, and why so.** Hugging Face callbacks are not given the trainer, and TRL computes
     these numbers inside its own methods, so the trainer is handed over explicitly. The callback then reads TRL's own
@@ -51,8 +55,8 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     to the callback (TRL still averages and clears it as before). TRL has already read each value back to the host
     and, for these keys, pooled it over all processes; the callback adds it with the weight of this process's own
     pairs, completions or tokens (a device sum, no read-back), which pools exactly. The weights come from the
-    micro-batch's tensors, seen by wrapping ``trainer.compute_loss`` (the Trainer's public hook, whose returned loss
-    is also the loss observation) and, for GRPO's rewards, ``trainer._calculate_rewards`` (to count the completions
+    micro-batch's tensors, seen by wrapping ``trainer.compute_loss`` (the Trainer's public hook, whose returned loss,
+    with the ``num_items_in_batch`` it was given, is also the loss observation) and, for GRPO's rewards, ``trainer._calculate_rewards`` (to count the completions
     each reward function scored). That is the least invasive exact hook: no subclass, no second forward, no formula of
     TRL's recomputed, and no read-back or collective per micro-batch. Every TRL internal used is in
     ``ema_metrics/integrations/trl/internals.py``.
@@ -64,7 +68,7 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     (no generation, say) keeps its value.
 
     Args:
-        trainer: a ``GRPOTrainer`` or ``DPOTrainer`` (or a subclass), before ``train()``.
+        trainer: a ``GRPOTrainer``, ``DPOTrainer`` or ``SFTTrainer`` (or a subclass), before ``train()``.
         alpha: smoothing factor in ``(0, 1]``; give exactly one of ``alpha``, ``half_life``, ``span``, ``com``.
         half_life: optimizer steps after which a step's weight halves.
         span: pandas span, ``alpha = 2 / (span + 1)``.
@@ -74,8 +78,9 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
 
     Raises:
         TypeError: If ``suffix`` is not a string.
-        ValueError: If the trainer is not a supported TRL trainer, its GRPO ``loss_type`` is unknown, ``suffix`` is
-            empty, or the parametrisation is invalid (see :class:`~ema_metrics.EMAMetric`).
+        ValueError: If the trainer is not a supported TRL trainer, its GRPO ``loss_type`` is unknown, its SFT loss is
+            computed another way (see above), ``suffix`` is empty, or the parametrisation is invalid (see
+            :class:`~ema_metrics.EMAMetric`).
 
     Example:
         >>> from ema_metrics.trl import EMATRLCallback
@@ -102,16 +107,26 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         kind = internals.trainer_kind(trainer)
         if kind is None:
             raise ValueError(
-                f"{type(self).__name__} smooths the numbers of TRL's {' and '.join(internals.SUPPORTED)}, but got"
-                f" argument `trainer` = {internals.trl_class_name(trainer)}. For the loss of the Trainer or of"
-                " SFTTrainer (loss_type='nll') use ema_metrics.transformers.EMALossCallback."
+                f"{type(self).__name__} smooths the numbers of TRL's {', '.join(internals.SUPPORTED)}, but got"
+                f" argument `trainer` = {internals.trl_class_name(trainer)}. For the loss of a Hugging Face Trainer"
+                " use ema_metrics.transformers.EMALossCallback; for another trainer's numbers, update an EMAMetric"
+                " with them, weighted by what each averages over."
             )
         if kind == "GRPOTrainer" and not internals.grpo_loss_known(getattr(trainer, "loss_type", None)):
             raise ValueError(
                 f"{type(self).__name__} does not know how GRPO's loss_type={trainer.loss_type!r} normalizes the loss,"
                 " so it cannot weight its micro-batches"
             )
-        keys = ["loss", *(internals.grpo_keys(trainer) if kind == "GRPOTrainer" else internals.dpo_keys())]
+        if kind == "SFTTrainer" and internals.sft_refusal(trainer) is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot weight this SFTTrainer's loss: {internals.sft_refusal(trainer)}"
+            )
+        if kind == "GRPOTrainer":
+            keys = ["loss", *internals.grpo_keys(trainer)]
+        elif kind == "DPOTrainer":
+            keys = ["loss", *internals.dpo_keys()]
+        else:
+            keys = ["loss", *internals.SFT_KEYS]
         template = EMAMetric(alpha, half_life=half_life, span=span, com=com, adjust=adjust, nan_strategy="ignore")
         self.kind = kind
         self.suffix = suffix
@@ -143,6 +158,8 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             return original(model, inputs, *args, **kwargs)
         if self.kind == "GRPOTrainer":
             self._weights = internals.grpo_token_weights(inputs)
+        elif self.kind == "SFTTrainer":
+            self._weights = internals.sft_weights(inputs)
         else:
             self._weights = internals.dpo_weights(inputs)
         try:
@@ -151,12 +168,15 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             self._weights = {}
         loss = out[0] if isinstance(out, tuple) else out
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._add_loss(inputs, loss)
+            self._add_loss(inputs, loss, kwargs.get("num_items_in_batch"))
         return out
 
-    def _add_loss(self, inputs: Mapping[str, Any], loss: Tensor) -> None:
+    def _add_loss(self, inputs: Mapping[str, Any], loss: Tensor, num_items: Any) -> None:
+        units: Any
         if self.kind == "GRPOTrainer":
             total, units = internals.grpo_loss_sum(self._trainer, inputs, loss)
+        elif self.kind == "SFTTrainer":
+            total, units = internals.sft_loss_sum(self._trainer, inputs, loss, num_items)
         else:
             units = internals.dpo_weights(inputs)["loss"]
             total = loss.detach().to(torch.float64) * float(units)

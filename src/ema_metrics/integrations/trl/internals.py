@@ -1,7 +1,8 @@
 """Every TRL internal that :mod:`ema_metrics.trl` reads or wraps, each with why and the releases it was checked on.
 
-Checked against TRL 1.16.0 (``trl/trainer/grpo_trainer.py``, ``dpo_trainer.py``). A trainer that lacks one of them
-is refused when the callback is built, with a message naming what is missing.
+Checked against TRL 1.16.0 (``trl/trainer/grpo_trainer.py``, ``dpo_trainer.py``, ``sft_trainer.py``, and the fused
+head in ``utils.py``). A trainer without TRL's metric store or a wrapped method is refused when the callback is built,
+with a message naming what is missing.
 
 What TRL does with the numbers it logs: its trainers append one Python float per micro-batch (already read to the
 host by TRL) to ``trainer._metrics["train"][key]`` and log the equal-weight mean of each list in ``log``. The values
@@ -31,13 +32,16 @@ __all__ = [
     "grpo_reward_weights",
     "grpo_token_weights",
     "install_store",
+    "sft_loss_sum",
+    "sft_refusal",
+    "sft_weights",
     "trainer_kind",
     "trl_class_name",
     "wrap_method",
 ]
 
 #: The trainers whose numbers the callback knows how to weight.
-SUPPORTED = ("GRPOTrainer", "DPOTrainer")
+SUPPORTED = ("GRPOTrainer", "DPOTrainer", "SFTTrainer")
 
 #: DPO's per-pair numbers (TRL 1.16 ``DPOTrainer._compute_loss``: each the mean of an ``accelerator.gather``-ed vector
 #: with one entry per pair), and its per-token ones (sums over ``gather_for_metrics``-ed token counts).
@@ -242,3 +246,62 @@ def grpo_loss_sum(trainer: Any, inputs: Mapping[str, Any], loss: Tensor) -> tupl
 def grpo_loss_known(loss_type: Any) -> bool:
     """Whether :func:`grpo_loss_sum` knows how ``loss_type`` normalizes the loss (TRL 1.16's eight)."""
     return loss_type in (*_PER_SEQUENCE, *_GLOBAL_TOKENS, "bnpo", "dr_grpo")
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+SFT_KEYS = ("mean_token_accuracy", "entropy")
+
+
+def sft_refusal(trainer: Any) -> str | None:
+    """Why the callback cannot weight this ``SFTTrainer``'s loss, or ``None``.
+
+    TRL 1.16 ``SFTTrainer.compute_loss`` computes the loss itself (the fused head's per-token losses, summed and
+    divided by ``num_items_in_batch``) unless ``compute_loss_func`` or label smoothing computes it another way, or a
+    mixture-of-experts auxiliary loss (a per-micro-batch mean) is added to it.
+    """
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        return "it has a `compute_loss_func`, whose loss is not a sum over tokens known to the callback"
+    if getattr(trainer, "label_smoother", None) is not None:
+        return "label smoothing computes its loss outside the fused head"
+    if getattr(trainer, "aux_loss_enabled", False):
+        return "a mixture-of-experts auxiliary loss (a per-micro-batch mean) is added to the token loss"
+    return None
+
+
+def sft_count(inputs: Mapping[str, Any]) -> Tensor:
+    """The tokens SFT's loss and token numbers count: ``shift_labels``, or ``labels[:, 1:]``, that are not -100.
+
+    That is the fused head's ``label_mask`` (TRL 1.16 ``_fused_forward``), made from the micro-batch on the device.
+    """
+    shift_labels = inputs.get("shift_labels")
+    labels = shift_labels if isinstance(shift_labels, Tensor) else inputs["labels"][:, 1:]
+    return (labels != -100).sum()
+
+
+def sft_weights(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The weight of ``mean_token_accuracy`` and ``entropy`` in one micro-batch: its counted tokens.
+
+    Both are sums over every process's tokens (``gather_for_metrics``) divided by their count (TRL 1.16).
+    """
+    tokens = sft_count(inputs)
+    return dict.fromkeys(SFT_KEYS, tokens)
+
+
+def sft_loss_sum(trainer: Any, inputs: Mapping[str, Any], loss: Tensor, num_items: Any) -> tuple[Tensor, Tensor]:
+    """One micro-batch's SFT loss summed over its tokens, and its token count.
+
+    ``compute_loss`` returns ``sum / num_items_in_batch``, times the number of processes with
+    ``average_tokens_across_devices`` (the Trainer's count of the step's tokens over every process, which for some
+    models counts the unshifted labels), or ``sum / count`` without ``num_items_in_batch``; the per-token loss is the
+    negative log-likelihood, or DFT's reweighted one with ``loss_type="dft"``.
+    """
+    count = sft_count(inputs)
+    value = loss.detach().to(torch.float64)
+    if num_items is None:
+        return value * count.to(device=value.device, dtype=torch.float64).clamp(min=1.0), count
+    processes = 1.0
+    if trainer.args.average_tokens_across_devices:
+        processes = float(trainer.accelerator.num_processes // trainer.get_tp_size())
+    if isinstance(num_items, Tensor):
+        return value * num_items.to(device=value.device, dtype=torch.float64) / processes, count
+    return value * (float(num_items) / processes), count
