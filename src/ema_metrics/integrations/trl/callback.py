@@ -56,10 +56,10 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     and, for these keys, pooled it over all processes; the callback adds it with the weight of this process's own
     pairs, completions or tokens (a device sum, no read-back), which pools exactly. The weights come from the
     micro-batch's tensors, seen by wrapping ``trainer.compute_loss`` (the Trainer's public hook, whose returned loss,
-    with the ``num_items_in_batch`` it was given, is also the loss observation) and, for GRPO's rewards, ``trainer._calculate_rewards`` (to count the completions
-    each reward function scored). That is the least invasive exact hook: no subclass, no second forward, no formula of
-    TRL's recomputed, and no read-back or collective per micro-batch. Every TRL internal used is in
-    ``ema_metrics/integrations/trl/internals.py``.
+    with the ``num_items_in_batch`` it was given, is also the loss observation) and, for GRPO's rewards,
+    ``trainer._calculate_rewards`` (to count the completions each reward function scored). That is the least
+    invasive exact hook: no subclass, no second forward, no formula of TRL's recomputed, and no read-back or
+    collective per micro-batch. Every TRL internal used is in ``ema_metrics/integrations/trl/internals.py``.
 
     **Logs, epochs, checkpoints.** As ``EMALossCallback``: one collective per training log (all numbers pooled
     together), none on other steps; the curve runs on across epochs; every rank's state is gathered (one collective)
