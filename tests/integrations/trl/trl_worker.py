@@ -1,6 +1,7 @@
 """One TRL run for the tests, in the test process or on one of several processes launched by ``torch.distributed.run``.
 
-``python tests/integrations/trl/trl_worker.py CONFIG.json`` (or :func:`run` in-process) trains a tiny GPT-2 built
+``python tests/integrations/trl/trl_worker.py CONFIGS.json`` (a list of runs, one after the other; or :func:`run`
+in-process) trains a tiny GPT-2 built
 from a config with a word-level tokenizer built in memory, on data made in memory, with ``DPOTrainer`` or
 ``GRPOTrainer`` and :func:`ema_metrics.trl.attach`. Independently of the callback, a test-only recorder keeps, per
 optimizer step, the raw values TRL computes before it averages them:
@@ -106,7 +107,7 @@ class _Recorder:
         setattr(acc, name, wrapped)
 
 
-def _rewards(records: dict[str, Any], name: str, rank: int) -> Any:
+def _rewards(records: dict[str, Any], name: str) -> Any:
     def reward(completions: list[str], trainer_state: Any = None, **kwargs: Any) -> list[float | None]:
         if name == "length":
             out: list[float | None] = [float(len(c.split())) for c in completions]
@@ -188,16 +189,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         from trl import GRPOConfig, GRPOTrainer
 
-        path = out / "model"
-        model(eos_bias=cfg.get("eos_bias", 1.2)).save_pretrained(path)  # beta > 0 loads the reference by path
+        policy: Any = model(eos_bias=1.2)
+        if cfg.get("beta"):  # GRPO loads the reference model by path (single-process runs only here)
+            policy.save_pretrained(out / "model")
+            policy = str(out / "model")
         args = GRPOConfig(
             num_generations=2, max_completion_length=6, beta=cfg.get("beta", 0.0), loss_type=cfg["loss_type"], **common
         )
-        rank = int(os.environ.get("RANK", "0"))
         trainer = GRPOTrainer(
-            model=str(path),
+            model=policy,
             args=args,
-            reward_funcs=[_rewards(records, "length", rank), _rewards(records, "even", rank)],
+            reward_funcs=[_rewards(records, "length"), _rewards(records, "even")],
             train_dataset=Dataset.from_list([{"prompt": f"w{3 + i % 37} w{3 + (i * 3) % 37}"} for i in range(64)]),
             processing_class=tokenizer(),
         )
@@ -237,11 +239,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 def main(config_path: str) -> None:
     import torch.distributed as dist
 
-    cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)
-    records = run(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    (Path(cfg["out"]) / f"rank{rank}.json").write_text(json.dumps(records))
+    for cfg in json.loads(Path(config_path).read_text()):  # several runs share one launch (and one import of TRL)
+        records = run(cfg)
+        (Path(cfg["out"]) / f"rank{rank}.json").write_text(json.dumps(records))
     if dist.is_initialized():
         dist.barrier()
     sys.stdout.flush()
