@@ -176,8 +176,10 @@ def test_dpo_layouts_with_the_same_pairs_per_step_log_the_same_curves(runs: dict
 def test_dpo_resume_on_another_number_of_processes_continues_the_curve(runs: dict[str, Any]) -> None:
     # `c` ran on 2 processes and saved at step 3; `d` resumed it on 1 process with accumulation 2 (the pooled state)
     for key in runs["c"][0]["keys"]:
+        # the same micro-batches of 2 pairs; TRL's values are float32 means (of the 4 pairs it gathers from two
+        # processes in c, of 2 pairs in d), so they agree to float32 rounding
         before = ema_curve(runs["c"], key, range(4, 7))
-        np.testing.assert_allclose(ema_curve(runs["d"], key, range(4, 7)), before, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(ema_curve(runs["d"], key, range(4, 7)), before, rtol=2e-7, atol=1e-9, err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -210,7 +212,8 @@ def grpo_oracle(ranks: list[dict[str, Any]], steps: range, beta: float, loss_uni
         units = tokens if loss_unit == "token" else float(len(length))
         out["loss"][0].append(logged(ranks, "loss")[s] * units)
         out["loss"][1].append(units)
-    return {key: ema_oracle(np.array(s), np.array(n), HALF_LIFE) for key, (s, n) in out.items()}
+    with np.errstate(invalid="ignore"):  # 0 / 0 before a function's first score: NaN, as the EMA is not logged
+        return {key: ema_oracle(np.array(s), np.array(n), HALF_LIFE) for key, (s, n) in out.items()}
 
 
 @pytest.mark.parametrize(("run", "beta", "unit"), [("g1", 0.1, "token"), ("g2", 0.0, "sequence")])
