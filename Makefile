@@ -45,11 +45,13 @@ test-newest: $(STAMP)
 # The floor run repeats what depends on the pinned torchmetrics and Lightning: the metrics, their torchmetrics
 # contract and DDP sync, and every Lightning test. It leaves out what does not (to keep CI under 15 minutes): the
 # packaging check (it installs the wheel with the newest releases into a venv of its own), the notebook, the
-# framework examples and the Lightning demo, the Hugging Face tests (transformers is not pinned), the sync
-# protocol tests (torch.distributed only) and the GPU check's dry run (its Lightning fit is a plain one that the
+# framework examples and the Lightning demo, the Hugging Face and TRL tests and the TRL modules' doctests
+# (transformers and trl are not pinned there; trl's declared floor, 1.16, is the release the newest run tests), the
+# sync protocol tests (torch.distributed only) and the GPU check's dry run (its Lightning fit is a plain one that the
 # Lightning tests repeat at the floor).
 FLOOR_SKIP := tests/test_packaging.py tests/test_notebook.py tests/test_examples.py tests/test_lightning_demo.py \
-	tests/integrations/transformers tests/sync/test_sync.py tests/test_gpu_check.py
+	tests/integrations/transformers tests/integrations/trl src/ema_metrics/trl.py src/ema_metrics/integrations/trl \
+	tests/sync/test_sync.py tests/test_gpu_check.py
 test-floor: $(FLOOR_STAMP)
 	EMA_METRICS_TESTED_ENV=floor $(FLOOR_BIN)/python -m pytest -rs $(foreach t,$(FLOOR_SKIP),--ignore=$(t))
 

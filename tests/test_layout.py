@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ema_metrics"
 
 CORE = {f"ema_metrics.{n}" for n in ("_fast", "_base", "ema", "wrapper", "_functions")}
-FACES = {f"ema_metrics.{n}" for n in ("__init__", "lightning", "pytorch_lightning", "transformers")}
+FACES = {f"ema_metrics.{n}" for n in ("__init__", "lightning", "pytorch_lightning", "transformers", "trl")}
 LAYERS = [
     ("utilities", lambda m: m.startswith("ema_metrics.utilities")),
     ("sync", lambda m: m == "ema_metrics._sync"),

@@ -20,7 +20,7 @@ from torch import Tensor
 from ema_metrics import _sync
 from ema_metrics.ema import EMAMetric
 
-__all__ = ["gather_states", "restore_states"]
+__all__ = ["gather_states", "gather_states_of", "restore_states"]
 
 _EXTRA = "_extra_state"
 
@@ -38,13 +38,21 @@ def _encode(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def gather_states(metric: EMAMetric) -> dict[str, Any]:
     """Every rank's ``metric.state_dict()`` as JSON data, gathered with **one** collective (call it on every rank)."""
-    mine = _encode(metric.state_dict())
+    return gather_states_of({"": metric})[""]
+
+
+def gather_states_of(metrics: Mapping[str, EMAMetric]) -> dict[str, dict[str, Any]]:
+    """:func:`gather_states` of several metrics by name, all gathered with **one** collective (call it on every rank).
+
+    Each value is what :func:`restore_states` takes for that metric.
+    """
+    mine = {name: _encode(metric.state_dict()) for name, metric in metrics.items()}
     world = _sync.world()
     ranks: list[Any] = [mine]
     if world > 1:
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-    return {"world_size": world, "ranks": ranks}
+    return {name: {"world_size": world, "ranks": [rank[name] for rank in ranks]} for name in metrics}
 
 
 def _decode(metric: EMAMetric, row: Any, where: str) -> dict[str, Any]:
