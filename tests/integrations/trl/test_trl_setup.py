@@ -41,6 +41,10 @@ def _bare(cls: Any, **attributes: Any) -> Any:
         (_bare(SFTTrainer, compute_loss_func=len), r"this SFTTrainer's loss: it has a `compute_loss_func`"),
         (_bare(SFTTrainer, compute_loss_func=None, label_smoother=len), r"label smoothing computes its loss outside"),
         (_bare(SFTTrainer, aux_loss_enabled=True), r"auxiliary loss \(a per-micro-batch mean\)"),
+        (
+            _bare(DPOTrainer, args=SimpleNamespace(restore_callback_states_from_checkpoint=True)),
+            r"`restore_callback_states_from_checkpoint` = True: .* rebuilds callbacks without the trainer",
+        ),
     ],
 )
 def test_unsupported_trainers_are_refused_and_left_unchanged(trainer: Any, match: str) -> None:

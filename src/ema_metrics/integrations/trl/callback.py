@@ -79,7 +79,9 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     Raises:
         TypeError: If ``suffix`` is not a string.
         ValueError: If the trainer is not a supported TRL trainer, its GRPO ``loss_type`` is unknown, its SFT loss is
-            computed another way (see above), ``suffix`` is empty, or the parametrisation is invalid (see
+            computed another way (see above), ``suffix`` is empty, the trainer's arguments set
+            ``restore_callback_states_from_checkpoint=True`` (the Trainer would rebuild the callback without the
+            trainer; the callback restores its curves itself), or the parametrisation is invalid (see
             :class:`~ema_metrics.EMAMetric`).
 
     Example:
@@ -111,6 +113,13 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
                 f" argument `trainer` = {internals.trl_class_name(trainer)}. For the loss of a Hugging Face Trainer"
                 " use ema_metrics.transformers.EMALossCallback; for another trainer's numbers, update an EMAMetric"
                 " with them, weighted by what each averages over."
+            )
+        if getattr(getattr(trainer, "args", None), "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                f"{type(self).__name__} cannot be used with TrainingArguments' argument"
+                " `restore_callback_states_from_checkpoint` = True: on resume the Trainer rebuilds callbacks without"
+                " the trainer this one reads. Leave it False: the callback restores its own curves from the checkpoint"
+                " (trainer_state.json) when training resumes."
             )
         if kind == "GRPOTrainer" and not internals.grpo_loss_known(getattr(trainer, "loss_type", None)):
             raise ValueError(
