@@ -238,9 +238,9 @@ def check_lightning(device: torch.device, steps: int = 8) -> dict[str, Any]:
     import tempfile
 
     import lightning.pytorch as pl
+    from tests.lightning_helpers import IndexedData, loader, read_csv_metric
 
     from ema_metrics.lightning import EMAMetricsCallback
-    from tests.lightning_helpers import IndexedData, loader, read_csv_metric
 
     cuda = device.type == "cuda"
     recorded: list[tuple[int, torch.Tensor]] = []  # (optimizer step, per-sample losses), kept on the device
@@ -308,10 +308,10 @@ def _hf_run(device: torch.device, compile_: bool, steps: int) -> tuple[list[floa
     import tempfile
 
     import torch._dynamo as dynamo
+    from tests.hf_worker import SEQ, VOCAB, make_data, make_recorder
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     from ema_metrics.transformers import EMALossCallback
-    from tests.hf_worker import SEQ, VOCAB, make_data, make_recorder
 
     class Frames(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:

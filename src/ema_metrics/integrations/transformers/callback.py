@@ -5,7 +5,6 @@ Import it from :mod:`ema_metrics.transformers` (install with ``pip install 'ema_
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -142,28 +141,14 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             "attributes": {"checkpoint_ranks": self.checkpoint_ranks},
         }
 
-    def _saved_entry(self, state: Any) -> Any:
-        entries = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
-        entries = entries if isinstance(entries, list) else [entries]
-        mine = [e for e in entries if isinstance(e, dict) and e.get("args", {}).get("name") == self.name]
-        return mine[-1].get("attributes", {}).get("checkpoint_ranks") if mine else None
-
-    def _restore(self, saved: Any, step: int) -> None:
+    def _restore(self, state: Any) -> None:
         where = f"trainer_state.json, {type(self).__name__} {self.name!r}"
-        if not isinstance(saved, dict) or saved.get("step") != step:
-            found = "no state" if not isinstance(saved, dict) else f"the state of step {saved.get('step')!r}"
-            warnings.warn(
-                f"{where}: the checkpoint of step {step} holds {found} (was it saved without this callback, or"
-                f" requested after its on_step_end?); {self.name} starts again from this step",
-                UserWarning,
-                stacklevel=2,
-            )
-            return
-        rank_states.restore_states(self.metric, saved, where)
+        saved = rank_states.saved_ranks(state, type(self).__name__, "name", self.name)
+        if rank_states.state_of_step(saved, state.global_step, where, f"{self.name} starts"):
+            rank_states.restore_states(self.metric, saved, where)
 
     def _gather_if_saving(self, args: Any, state: Any, control: Any) -> None:
-        best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
-        if control.should_save or (best and control.should_evaluate):
+        if rank_states.saving_now(args, control):
             self.checkpoint_ranks = {"step": state.global_step, **rank_states.gather_states(self.metric)}
 
     # ------------------------------------------------------------------ training events
@@ -208,7 +193,7 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         self.metric.reset()
         self.checkpoint_ranks = None
         if state.global_step > 0:  # resumed from a checkpoint
-            self._restore(self._saved_entry(state), state.global_step)
+            self._restore(state)
         if isinstance(state.stateful_callbacks, dict):
             # A checkpoint written without this callback has no entry for it, and `_save_checkpoint` (5.24) indexes
             # the entry of every ExportableState callback: give it one, or the next save raises a KeyError.

@@ -10,6 +10,7 @@ rank.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from ema_metrics import _sync
 from ema_metrics.ema import EMAMetric
 
-__all__ = ["gather_states", "gather_states_of", "restore_states"]
+__all__ = ["gather_states", "gather_states_of", "restore_states", "saved_ranks", "saving_now", "state_of_step"]
 
 _EXTRA = "_extra_state"
 
@@ -126,3 +127,35 @@ def restore_states(metric: EMAMetric, saved: Any, where: str) -> None:
         metric.load_state_dict(states[rank])
     else:
         metric.load_state_dict(_pooled(metric, states, where) if rank == 0 else _empty(metric, ticks[0]))
+
+
+def saving_now(args: Any, control: Any) -> bool:
+    """Whether the Trainer may write a checkpoint after this step (so every rank's state must be gathered now)."""
+    best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
+    return bool(control.should_save or (best and control.should_evaluate))
+
+
+def saved_ranks(state: Any, callback: str, arg: str, value: Any) -> Any:
+    """The ``checkpoint_ranks`` that the last ``callback`` (a class name) with ``args[arg] == value`` stored, or None.
+
+    ``state`` is the Trainer's ``TrainerState`` as read from ``trainer_state.json``; several instances of one class
+    are told apart by one of their arguments (the logged name or suffix).
+    """
+    entries = state.stateful_callbacks.get(callback) if state.stateful_callbacks else None
+    entries = entries if isinstance(entries, list) else [entries]
+    mine = [e for e in entries if isinstance(e, dict) and e.get("args", {}).get(arg) == value]
+    return mine[-1].get("attributes", {}).get("checkpoint_ranks") if mine else None
+
+
+def state_of_step(saved: Any, step: int, where: str, restart: str) -> bool:
+    """Whether ``saved`` is the state gathered at ``step``; if not, warn that ``restart`` starts again from it."""
+    if isinstance(saved, dict) and saved.get("step") == step:
+        return True
+    found = "no state" if not isinstance(saved, dict) else f"the state of step {saved.get('step')!r}"
+    warnings.warn(
+        f"{where}: the checkpoint of step {step} holds {found} (was it saved without this callback, or"
+        f" requested after its on_step_end?); {restart} again from this step",
+        UserWarning,
+        stacklevel=3,
+    )
+    return False

@@ -6,7 +6,6 @@ Import it from :mod:`ema_metrics.trl` (install with ``pip install 'ema_metrics[t
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -225,22 +224,10 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             "attributes": {"checkpoint_ranks": self.checkpoint_ranks},
         }
 
-    def _saved_entry(self, state: Any) -> Any:
-        entries = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
-        entries = entries if isinstance(entries, list) else [entries]
-        mine = [e for e in entries if isinstance(e, dict) and e.get("args", {}).get("suffix") == self.suffix]
-        return mine[-1].get("attributes", {}).get("checkpoint_ranks") if mine else None
-
-    def _restore(self, saved: Any, step: int) -> None:
+    def _restore(self, state: Any) -> None:
         where = f"trainer_state.json, {type(self).__name__} {self.suffix!r}"
-        if not isinstance(saved, dict) or saved.get("step") != step:
-            found = "no state" if not isinstance(saved, dict) else f"the state of step {saved.get('step')!r}"
-            warnings.warn(
-                f"{where}: the checkpoint of step {step} holds {found} (was it saved without this callback, or"
-                f" requested after its on_step_end?); the EMAs start again from this step",
-                UserWarning,
-                stacklevel=2,
-            )
+        saved = rank_states.saved_ranks(state, type(self).__name__, "suffix", self.suffix)
+        if not rank_states.state_of_step(saved, state.global_step, where, "the EMAs start"):
             return
         metrics = saved.get("metrics")
         if not isinstance(metrics, dict) or set(metrics) != set(self.metrics):
@@ -253,8 +240,7 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             rank_states.restore_states(metric, metrics[key], f"{where}, {key!r}")
 
     def _gather_if_saving(self, args: Any, state: Any, control: Any) -> None:
-        best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
-        if control.should_save or (best and control.should_evaluate):
+        if rank_states.saving_now(args, control):
             gathered = rank_states.gather_states_of(self.metrics)  # one collective for all numbers
             self.checkpoint_ranks = {"step": state.global_step, "metrics": gathered}
 
@@ -266,7 +252,7 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             metric.reset()
         self.checkpoint_ranks = None
         if state.global_step > 0:  # resumed from a checkpoint
-            self._restore(self._saved_entry(state), state.global_step)
+            self._restore(state)
         if isinstance(state.stateful_callbacks, dict):
             # `_save_checkpoint` (transformers 5.24) indexes the entry of every ExportableState callback
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())
