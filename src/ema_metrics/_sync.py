@@ -8,22 +8,32 @@ those tensors and numbers, never a metric's private attributes, so this module i
 
 A sync is:
 
-1. **One fixed-size ``all_gather``** of ``INLINE`` float64 values per rank: a header, then for each metric a
-   descriptor (a fingerprint of its class, configuration and state layout; its tick count; whether it holds a pooled
-   replica; its stored scale exponent; its summed counters), then, when they fit, the states themselves. The size never
-   depends on the metrics, so ranks whose metrics differ (another ``alpha``, ``num_classes`` or number of metrics)
-   cannot wait in collectives of different sizes: every rank sees every descriptor, runs the same checks (:func:`check`)
-   on the same data and raises the same error.
-2. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`, 7 values each with their
-   descriptor) travel inside that one collective: one collective per sync, and every rank's own state is known.
-3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
+1. **One ``all_reduce`` of a fixed-size vector** (``INLINE`` float64 values, :func:`reduce_vector`): the checks, then
+   every metric's counters and stored scale exponent, then, when they fit, the states themselves (for larger states,
+   their probes: largest magnitude and counts). The checks are small integers (chunks below ``2 ** 16``) and their
+   squares: the number of metrics, a fingerprint of their classes, configurations and state layouts, and each one's
+   ``2 * ticks + replica``. Every rank sent the same chunk if and only if ``W * sum(d ** 2) == sum(d) ** 2``; both
+   sums are exact in float64 and are compared as integers on the host, so every rank reaches the same verdict from the
+   same reduced vector. The size never depends on the metrics or on the number of ranks: ranks whose metrics differ
+   cannot wait in collectives of different sizes, and the bytes a rank sends and receives do not grow with ``W``.
+2. **Only on a mismatch**, one ``all_gather`` of every rank's descriptors (:func:`local_vector`) names the difference
+   (:func:`check`): every rank raises the same error from the same rows.
+3. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`) are pooled right there: one
+   collective per sync. A pooled replica (the same state on every rank) is added by rank 0 only.
+4. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
    copy of the states (made while the first collective is in flight): a rank's extra memory and traffic are
    ``O(S)``, not ``O(world_size * S)``.
 
-The descriptors carry each rank's *stored* exponent, so no sync takes a pass over the states: when every rank's is 0
-(the usual case: no rank went without data until its sums fell below ``2 ** -600``), the states add as they are.
-Only when a rank holds renormalized states are the exact exponents needed: from the gathered rows when the states
-travelled inline, else by one more small ``all_gather``.
+The vector carries each rank's *stored* exponent, so no sync takes a pass over the states: when their sum is 0 (no
+rank went without data until its sums fell below ``2 ** -600``), the states add as they are. Only when a rank holds
+renormalized states are the exact exponents needed: one more small ``all_reduce`` (``MAX``) gives the largest, every
+rank aligns its states to it, and one ``all_reduce`` sums them.
+
+**The gather protocol** (:func:`local_vector`, :func:`check`) remains for what needs every rank's own state: per-rank
+values (``with_ranks``: ``synced_values_by_rank``, the callbacks' rank spread) and a torchmetrics ``dist_sync_fn``
+(which gathers and cannot sum). One ``all_gather`` of ``INLINE`` values per rank carries a header, every metric's
+descriptor (fingerprint, ticks, replica flag, counters, stored exponent) and the small states; every rank checks the
+same rows.
 
 A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics.utilities.decay`): pooling aligns every
 rank to the largest exponent (:func:`pool_rows_at`, also used for checkpoint rows and ``merge_state``), so it is exact
@@ -71,10 +81,9 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-#: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
-#: they fit, the states. Sized for scale: every sync, however small, gathers ``world_size * INLINE`` values (8 MiB at
-#: 1024 ranks). ``benchmarks/bench_sync.py`` finds one gather cheaper than the two-collective path up to about 1e4
-#: values at 2 and 4 processes, but a larger ``INLINE`` would make every small sync pay for it at every world size.
+#: Float64 values of the first collective of every sync (8 KiB): the checks, counters, exponents and, when they fit,
+#: the states (an ``all_reduce``; per rank in the gather protocol). A larger ``INLINE`` would make every small sync pay
+#: for it.
 INLINE = 1024
 MAGIC = 20251126.0
 HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
@@ -523,32 +532,22 @@ class _Reduced:
     """What this rank adds into the all-reduce of a sync, and where the parts lie in it."""
 
     vector: Tensor
-    checks: int  # check chunks (their squares follow them)
+    checks: int  # check chunks (their squares follow them, then the counters)
     sizes: list[int]
     counters: list[int]
     fits: bool  # the checks, counters and exponents of every metric fit (else only the head checks travel)
     inline: bool  # the states travel too
     n_probe: int  # values of the large states' probes that travel instead (0: none)
     needed: int  # values the checks, counters and exponents of every metric take
+    scales_at: int = 0  # where the exponents start
+    payload_at: int = 0  # where the states (or the probes) start
+    used: int = 0  # how many leading values of the reduced vector the host reads
 
-    @property
-    def counters_at(self) -> int:
-        return 2 * self.checks
-
-    @property
-    def scales_at(self) -> int:
-        return self.counters_at + sum(self.counters)
-
-    @property
-    def payload_at(self) -> int:
-        return self.scales_at + len(self.sizes)
-
-    @property
-    def used(self) -> int:
-        """How many leading values of the reduced vector the host reads."""
-        if not self.fits:
-            return 2 * self.checks
-        return self.payload_at + (sum(self.sizes) if self.inline else self.n_probe)
+    def __post_init__(self) -> None:
+        self.scales_at = 2 * self.checks + sum(self.counters)
+        self.payload_at = self.scales_at + len(self.sizes)
+        extra = sum(self.sizes) if self.inline else self.n_probe
+        self.used = self.payload_at + extra if self.fits else 2 * self.checks
 
 
 def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) -> _Reduced:
@@ -582,11 +581,12 @@ def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) ->
         parts = [s.scale.reshape(1) if own else _zeros(1, device) for s, own in zip(states, mine, strict=True)]
         for s, own in zip(states, mine, strict=True):
             if inline and payload:
-                parts += _flat_parts([s]) if own else [_zeros(s.size, device)]
+                parts += [t.reshape(-1) for t in s.states.values()] if own else [_zeros(s.size, device)]
             elif n_probe and payload:
                 parts.append(_probe(s) if own else _zeros(1 + len(s.count_positions), device))
     host = [float(c) for c in chunks] + [float(c * c) for c in chunks] + host
     tail = _zeros(INLINE - len(host) - sum(p.numel() for p in parts), device)
+    # one copy of host data; torch.cat takes the states to float64 (they are already, but for a subclass's)
     vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
     return _Reduced(vector, len(chunks), sizes, [len(c) for c in counters], fits, inline, n_probe, base)
 
@@ -651,7 +651,7 @@ def _pool_reduced(states: list[SyncState], group: Any) -> list[Pooled]:
         summed = _reduce(states, summands, commons, commons, me, group)
     else:
         summed = reduced[local.payload_at : local.payload_at + sum(local.sizes)]
-    out, start, at, probe_at = [], 0, local.counters_at, local.payload_at
+    out, start, at, probe_at = [], 0, 2 * local.checks, local.payload_at
     for i, s in enumerate(states):
         part = slice(start, start + local.sizes[i])
         pooled = Pooled(

@@ -261,3 +261,19 @@ def bytes_per_sync(rank: int, world: int) -> dict[str, Any]:
             run()
         out[form] = (counter.bytes, counter.calls)
     return out
+
+
+def too_many(rank: int, world: int, inline: int) -> list[str]:
+    """Two metrics whose checks do not fit a sync of ``inline`` values: every rank must raise (the messages)."""
+    _sync.INLINE = inline
+    metrics = [EMAMetric(alpha=ALPHA), EMAMetric(alpha=ALPHA)]
+    for m in metrics:
+        m.update(float(rank))
+    out = []
+    for run in (lambda: synced_values(metrics), lambda: _sync.check_alike(metrics)):
+        try:
+            run()
+            out.append("no error")
+        except RuntimeError as err:
+            out.append(str(err))
+    return out

@@ -272,3 +272,12 @@ def test_the_bytes_of_a_sync_do_not_grow_with_the_number_of_ranks() -> None:
     large = buffer + 2 * (40 * 40 + 1) * 8  # the checks, then the states (the counts of dropped updates included)
     assert first["large synced_values"] == (large, ["all_reduce", "all_reduce"])
     assert first["large compute"] == (large, ["all_reduce", "all_reduce"])
+
+
+@pytest.mark.ddp
+def test_too_many_metrics_for_one_sync_raise_the_same_error_everywhere() -> None:
+    # two EMAMetric need 2 * (6 + 2 * 4) check values, 2 counters and 2 exponents: 32, more than 24
+    messages = run_ddp(w.too_many, 2, TIGHT, timeout=30)
+    assert messages[0] == messages[1]
+    for message in messages[0]:
+        assert re.search(r"2 metrics need 32 values .* more than one sync carries \(24\)", message), message
