@@ -292,10 +292,14 @@ def split(state: SyncState, values: Tensor) -> dict[str, Tensor]:
     """A flat vector of a metric's states as named states of their own shapes (views, on the states' device)."""
     out: dict[str, Tensor] = {}
     offset = 0
+    device = state.scale.device  # the metric's
+    if values.device != device:
+        values = values.to(device)
     for name, local in state.states.items():
         # a view of the fresh buffer (no copy); torch.save and pickling store a shared buffer once
-        out[name] = values[offset : offset + local.numel()].reshape(local.shape).to(device=local.device)
-        offset += local.numel()
+        k = local.numel()
+        out[name] = values[offset : offset + k].view(local.shape)
+        offset += k
     return out
 
 
@@ -578,10 +582,10 @@ def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) ->
         chunks += [c for s in states for c in _chunks(2 * s.ticks + int(s.replica), TICK_CHUNKS)]
         host = [v if own else 0.0 for cs, own in zip(counters, mine, strict=True) for v in cs]
         # the stored exponents: no pass over the states (a sum of 0 means that no rank renormalized)
-        parts = [s.scale.reshape(1) if own else _zeros(1, device) for s, own in zip(states, mine, strict=True)]
+        parts = [torch.stack([s.scale if own else _scalar(0.0, device) for s, own in zip(states, mine, strict=True)])]
         for s, own in zip(states, mine, strict=True):
             if inline and payload:
-                parts += [t.reshape(-1) for t in s.states.values()] if own else [_zeros(s.size, device)]
+                parts += [_flat_view(t) for t in s.states.values()] if own else [_zeros(s.size, device)]
             elif n_probe and payload:
                 parts.append(_probe(s) if own else _zeros(1 + len(s.count_positions), device))
     host = [float(c) for c in chunks] + [float(c * c) for c in chunks] + host
@@ -589,6 +593,10 @@ def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) ->
     # one copy of host data; torch.cat takes the states to float64 (they are already, but for a subclass's)
     vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
     return _Reduced(vector, len(chunks), sizes, [len(c) for c in counters], fits, inline, n_probe, base)
+
+
+def _flat_view(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _zeros(n: int, device: torch.device) -> Tensor:
@@ -652,11 +660,13 @@ def _pool_reduced(states: list[SyncState], group: Any) -> list[Pooled]:
     else:
         summed = reduced[local.payload_at : local.payload_at + sum(local.sizes)]
     out, start, at, probe_at = [], 0, 2 * local.checks, local.payload_at
+    pieces = torch.split(summed, local.sizes)
+    device = states[0].scale.device  # the metrics' (their states come back there from the group's device)
+    scales = torch.zeros(n, dtype=_F64, device=device).unbind() if not renormalized else None
     for i, s in enumerate(states):
         part = slice(start, start + local.sizes[i])
-        pooled = Pooled(
-            states=split(s, summed[part]), scale=_scalar(commons[i], summed.device), ticks=s.ticks, counters={}
-        )
+        scale = _scalar(commons[i], device) if scales is None else scales[i]
+        pooled = Pooled(states=split(s, pieces[i]), scale=scale, ticks=s.ticks, counters={})
         if commons[i] < 0:  # only a pooled state of metrics without data needs its frame restored
             decay.canonical_(list(pooled.states.values()), s.masks, pooled.scale)
         pooled.counters = {k: int(v) for k, v in zip(s.counters, host[at : at + local.counters[i]], strict=True)}
