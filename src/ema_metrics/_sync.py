@@ -536,7 +536,7 @@ class _Reduced:
     """What this rank adds into the all-reduce of a sync, and where the parts lie in it."""
 
     vector: Tensor
-    checks: int  # check chunks (their squares follow them, then the counters)
+    checks: int  # check chunks: the head's then its squares, the metrics' then theirs (then the counters)
     sizes: list[int]
     counters: list[int]
     fits: bool  # the checks, counters and exponents of every metric fit (else only the head checks travel)
@@ -588,7 +588,16 @@ def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) ->
                 parts += [_flat_view(t) for t in s.states.values()] if own else [_zeros(s.size, device)]
             elif n_probe and payload:
                 parts.append(_probe(s) if own else _zeros(1 + len(s.count_positions), device))
-    host = [float(c) for c in chunks] + [float(c * c) for c in chunks] + host
+    # the head's squares right after it, at the same place on every rank whatever its metrics: every rank reads the
+    # same verdict on the head, and once the heads agree, the ranks' layouts (and the metrics' checks) do too
+    head, rest = chunks[:HEAD_CHUNKS], chunks[HEAD_CHUNKS:]
+    host = (
+        [float(c) for c in head]
+        + [float(c * c) for c in head]
+        + [float(c) for c in rest]
+        + [float(c * c) for c in rest]
+        + host
+    )
     tail = _zeros(INLINE - len(host) - sum(p.numel() for p in parts), device)
     # one copy of host data; torch.cat takes the states to float64 (they are already, but for a subclass's)
     vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
@@ -607,9 +616,12 @@ def _agree(sums: Sequence[float], checks: int, ranks: int) -> bool:
     """Whether every rank sent the same check chunks: ``W * sum(d ** 2) == sum(d) ** 2`` for each, as integers.
 
     By Cauchy-Schwarz the two sides are equal if and only if every rank's chunk is the same. Each sum is an integer
-    below ``2 ** 52`` (chunks below ``2 ** 16``, fewer than ``2 ** 20`` ranks), exact in float64.
+    below ``2 ** 52`` (chunks below ``2 ** 16``, fewer than ``2 ** 20`` ranks), exact in float64. The head comes first,
+    at the same place on every rank: where it differs every rank stops there; where it agrees, so do the layouts.
     """
-    return all(ranks * int(sums[checks + j]) == int(sums[j]) ** 2 for j in range(checks))
+    h, m = HEAD_CHUNKS, checks - HEAD_CHUNKS
+    pairs = [(j, h + j) for j in range(h)] + [(2 * h + j, 2 * h + m + j) for j in range(m)]
+    return all(ranks * int(sums[q]) == int(sums[d]) ** 2 for d, q in pairs)
 
 
 def _verdict(sums: Sequence[float], local: _Reduced, states: Sequence[SyncState], group: Any) -> None:

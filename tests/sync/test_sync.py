@@ -281,3 +281,31 @@ def test_too_many_metrics_for_one_sync_raise_the_same_error_everywhere() -> None
     assert messages[0] == messages[1]
     for message in messages[0]:
         assert re.search(r"2 metrics need 32 values .* more than one sync carries \(24\)", message), message
+
+
+def _states(n: int, ticks: int = 2, alpha: float = w.ALPHA) -> list[_sync.SyncState]:
+    metrics = [EMAMetric(alpha=alpha) for _ in range(n)]
+    for m in metrics:
+        for t in range(ticks):
+            m.update(float(t))
+    return [m.sync_state() for m in metrics]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "alike"),
+    [
+        ([_states(1), _states(1)], True),
+        ([_states(2), _states(2), _states(2)], True),
+        ([_states(1), _states(3)], False),  # another number of metrics: the layouts of the vectors differ
+        ([_states(3), _states(1), _states(3)], False),
+        ([_states(2), _states(2, ticks=3)], False),
+        ([_states(2), _states(2, alpha=0.5)], False),
+    ],
+)
+def test_every_rank_reads_the_same_verdict_from_the_reduced_checks(ranks: list[Any], alike: bool) -> None:
+    # The all-reduce summed in one process: each rank reads the same sums through its own layout, and must reach the
+    # same verdict (else one would go on to pool while another gathers to name the difference: a hang)
+    local = [_sync.reduce_vector(states, r) for r, states in enumerate(ranks)]
+    sums = torch.stack([v.vector for v in local]).sum(dim=0).tolist()
+    verdicts = [_sync._agree(sums, v.checks, len(ranks)) for v in local]
+    assert verdicts == [alike] * len(ranks)
