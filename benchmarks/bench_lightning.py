@@ -9,7 +9,7 @@ optimizer steps, ``strategy="ddp_fork"``) logs three scalars per training batch 
 - ``sync_dist``: 3 tensors logged with ``self.log(..., sync_dist=True)``;
 - ``torchmetrics``: 3 ``MeanMetric(dist_sync_on_step=True)`` logged ``on_step``;
 - ``raw``: 3 tensors logged without any sync (the baseline: no collective);
-- ``floor``: ``raw`` plus one bare blocking ``all_gather`` of ``INLINE`` float64 values (the size of the EMA sync's one
+- ``floor``: ``raw`` plus one bare blocking ``all_reduce`` of ``INLINE`` float64 values (the EMA sync's one
   collective) at the end of every optimizer step, and nothing else: what *any* exact per-step sync costs on this
   machine, whatever computes it. ``ema`` / ``floor`` is the cost of the EMA metrics themselves.
 
@@ -64,7 +64,7 @@ DESCRIPTIONS = {
     "ema_logged": "3 EMAMetric + EMAMetricsCallback(sync=logged)",
     "sync_dist": "3 tensors, self.log(sync_dist=True)",
     "torchmetrics": "3 MeanMetric(dist_sync_on_step=True)",
-    "floor": "3 tensors + 1 bare all_gather per step",
+    "floor": "3 tensors + 1 bare all_reduce per step",
     "raw": "3 tensors, no sync (baseline)",
 }
 COLLECTIVES = (
@@ -155,8 +155,8 @@ class CollectiveCounter(pl.Callback):
         path.write_text(json.dumps(result))
 
 
-class BareGather(pl.Callback):
-    """The ``floor`` variant: one blocking ``all_gather`` of ``INLINE`` float64 values after every optimizer step."""
+class BareReduce(pl.Callback):
+    """The ``floor`` variant: one blocking ``all_reduce`` of ``INLINE`` float64 values after every optimizer step."""
 
     def __init__(self) -> None:
         self._stepped = False
@@ -168,8 +168,7 @@ class BareGather(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._stepped:
             self._stepped = False
-            out = self._local.new_empty((trainer.world_size, INLINE))
-            dist.all_gather(list(out.unbind(0)), self._local)
+            dist.all_reduce(self._local)
 
 
 class BenchModule(pl.LightningModule):
@@ -252,7 +251,7 @@ def fit(variant: str, args: argparse.Namespace, result_dir: Path, profile: bool 
     if variant.startswith("ema"):
         callbacks.insert(0, EMAMetricsCallback(sync="logged" if variant == "ema_logged" else "step"))
     elif variant == "floor":
-        callbacks.insert(0, BareGather())
+        callbacks.insert(0, BareReduce())
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -411,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor = [r["seconds"] / b for r, b in zip(results["floor"], raw_times, strict=True)]
         own = [r["seconds"] / f["seconds"] for r, f in zip(results["ema"], results["floor"], strict=True)]
         for label, ratios in (
-            ("floor / raw per round (one bare blocking all_gather per step, no EMA)", floor),
+            ("floor / raw per round (one bare blocking all_reduce per step, no EMA)", floor),
             ("ema / floor per round (the EMA metrics' own cost beyond that collective)", own),
         ):
             print(f"  {label}: {' '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")

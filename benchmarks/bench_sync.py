@@ -1,11 +1,23 @@
-"""Time and peak extra memory of one sync, on both paths, against a bare ``all_reduce`` of the same bytes.
+"""Time and peak extra memory of one sync against a bare ``all_reduce`` of the same bytes, and against a gather.
 
-``EMAWrapper(MulticlassConfusionMatrix(num_classes=c))`` holds ``S = c * c`` float64 values. Each case runs in fresh
-gloo processes (CPU), fed the same data on every rank, and measures on every rank:
+**Per-step syncs** (the first table): four ``EMAMetric`` pooled by one sync, the common case of a logging step. In the
+same gloo processes, interleaved call by call so that the noise of the machine falls on all three alike:
 
-- ``gather``: the states travel inside the first collective (``_sync.INLINE`` set large enough): one ``all_gather``
-  of ``world_size * S`` values;
-- ``reduce``: the first collective carries the descriptors only, the states are summed by an ``all_reduce``;
+- ``sync``: ``_sync.pool`` as shipped: one ``all_reduce`` of ``_sync.INLINE`` float64 values (checks and states);
+- ``bare``: ``torch.distributed.all_reduce`` of ``_sync.INLINE`` float64 values, nothing else (the floor);
+- ``gather``: the gather protocol (what every sync used before: one ``all_gather`` of ``_sync.INLINE`` values per
+  rank, checked and summed on the host), which per-rank values still take.
+
+Each round starts fresh processes; the table gives the median over rounds of each rank's median time (the slowest
+rank) and of the ratios.
+
+**Large states** (the second table): ``EMAWrapper(MulticlassConfusionMatrix(num_classes=c))`` holds ``S = c * c``
+float64 values. Each case runs in fresh gloo processes (CPU), fed the same data on every rank, and measures on every
+rank:
+
+- ``gather``: the states travel inside the collective (``_sync.INLINE`` set large enough) of the gather protocol: one
+  ``all_gather`` of ``world_size * S`` values;
+- ``reduce``: the checks' ``all_reduce`` carries no state, the states are summed by a second ``all_reduce``;
 - ``bare``: ``torch.distributed.all_reduce`` of ``S`` float64 values, nothing else (the floor);
 - ``default``: whichever path ``_sync.INLINE`` picks (the shipped threshold).
 
@@ -14,8 +26,9 @@ process's peak resident memory (``ru_maxrss``) during the first sync over its re
 includes gloo's own buffers; it is only meaningful from about 1 MB on (page and allocator granularity).
 
 Run:
-    python benchmarks/bench_sync.py            # 2 and 4 processes, S from 4 to ~1e6 (about 3 minutes on 2 cores)
+    python benchmarks/bench_sync.py            # 2 and 4 processes, S from 4 to ~1e6 (about 4 minutes on 2 cores)
     python benchmarks/bench_sync.py --quick    # 2 processes, fewer sizes and repeats
+    python benchmarks/bench_sync.py --small    # only the per-step table
 """
 
 from __future__ import annotations
@@ -34,9 +47,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ema_metrics import EMAWrapper, _sync
+from ema_metrics import EMAMetric, EMAWrapper, _sync
 
 PATHS = ("gather", "reduce", "bare", "default")
+SMALL_PATHS = ("sync", "bare", "gather")
 
 
 def _rss_bytes() -> int:
@@ -62,8 +76,8 @@ def _worker(rank: int, world: int, port: int, classes: int, path: str, repeats: 
     def once() -> None:
         if path == "bare":
             dist.all_reduce(flat)
-        else:
-            _sync.pool([metric])  # the sync itself: pooled states (the value is then one compute on them)
+        else:  # the sync itself: pooled states (the value is then one compute on them)
+            _sync.pool([metric], with_ranks=path == "gather")
 
     dist.barrier()
     before = _rss_bytes()
@@ -80,14 +94,76 @@ def _worker(rank: int, world: int, port: int, classes: int, path: str, repeats: 
     dist.destroy_process_group()
 
 
-def run_case(world: int, classes: int, path: str, repeats: int) -> dict[str, float]:
+def _small_worker(rank: int, world: int, port: int, repeats: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    metrics = [EMAMetric(alpha=0.1) for _ in range(4)]
+    for i, m in enumerate(metrics):
+        m.update(float(rank + i), weight=1.0 + rank)
+    flat = torch.zeros(_sync.INLINE, dtype=torch.float64)
+    calls = {
+        "sync": lambda: _sync.pool(metrics),
+        "bare": lambda: dist.all_reduce(flat),
+        "gather": lambda: _sync.pool(metrics, with_ranks=True),
+    }
+    times: dict[str, list[float]] = {p: [] for p in SMALL_PATHS}
+    for i in range(repeats + 10):  # the first 10 warm up
+        for path in SMALL_PATHS:
+            dist.barrier()
+            start = time.perf_counter()
+            calls[path]()
+            if i >= 10:
+                times[path].append(time.perf_counter() - start)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({p: statistics.median(t) for p, t in times.items()}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def run_small(world: int, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, port, classes, path, repeats, out), nprocs=world, join=True)
+        mp.spawn(_small_worker, args=(world, _free_port(), repeats, out), nprocs=world, join=True)
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    return {p: max(r[p] for r in ranks) for p in SMALL_PATHS}
+
+
+def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
+    header = (
+        f"{'procs':>5} | {'sync us':>8} {'bare us':>8} {'gather us':>9} | {'sync/bare':>9} {'range':>11}"
+        f" | {'sync/gather':>11} {'range':>11}"
+    )
+    print(f"Per-step sync of 4 EMAMetric ({rounds} rounds of {repeats} interleaved calls; medians over rounds)")
+    print(header)
+    print("-" * len(header))
+    for world in worlds:
+        res = [run_small(world, repeats) for _ in range(rounds)]
+        med = {p: statistics.median(r[p] for r in res) for p in SMALL_PATHS}
+        to_bare = [r["sync"] / r["bare"] for r in res]
+        to_gather = [r["sync"] / r["gather"] for r in res]
+        print(
+            f"{world:5d} | {1e6 * med['sync']:8.1f} {1e6 * med['bare']:8.1f} {1e6 * med['gather']:9.1f}"
+            f" | {statistics.median(to_bare):9.2f} {min(to_bare):5.2f}-{max(to_bare):<5.2f}"
+            f" | {statistics.median(to_gather):11.2f} {min(to_gather):5.2f}-{max(to_gather):<5.2f}",
+            flush=True,
+        )
+    print(
+        f"Target: sync/bare <= 1.2. Bytes per rank per sync: the all_reduce of {_sync.INLINE * 8 // 1024} KiB at any"
+        f" number of ranks;\nthe gather receives world_size * {_sync.INLINE * 8 // 1024} KiB (8 MiB at 1,024 ranks,"
+        " 128 MiB at 16,384).\n"
+    )
+
+
+def run_case(world: int, classes: int, path: str, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(world, _free_port(), classes, path, repeats, out), nprocs=world, join=True)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     return {"time": max(r["time"] for r in ranks), "peak": max(r["peak"] for r in ranks)}
 
@@ -96,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--large", action="store_true", help="only S from 1e4 on")
+    parser.add_argument("--small", action="store_true", help="only the per-step table")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the per-step table (default 5, quick 2)")
     args = parser.parse_args(argv)
     worlds = (2,) if args.quick else (2, 4)
     classes = (2, 8, 32, 100, 316, 1000) if not args.quick else (2, 32, 316)
@@ -106,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold _sync.INLINE = {_sync.INLINE}"
         f" float64 values per rank in the first collective\n"
     )
+    if not args.large:
+        small_table(worlds, args.rounds or (2 if args.quick else 5), 100 if args.quick else 300)
+    if args.small:
+        return 0
     header = (
         f"{'procs':>5} {'S':>9} {'MB':>7} | {'gather ms':>9} {'reduce ms':>9} {'bare ms':>8} {'default ms':>10}"
         f" | {'reduce/bare':>11} | {'peak MB: gather':>15} {'reduce':>7} {'bare':>6} | {'reduce peak / S':>15}"
@@ -130,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "\nTargets: at 4 processes and large S, `reduce` within 1.5x of `bare`, and its peak extra memory within 2x"
         " of S.\nCost per sync: `gather` moves and holds world_size * S values on every rank (64 ranks x 8 MB = 512"
         " MB,\n1024 ranks = 8 GB); `reduce` holds about 2 * S (a ring all_reduce moves about 2 * S per rank) plus the"
-        f" first\ncollective's world_size * {_sync.INLINE} * 8 bytes ({_sync.INLINE * 8 // 1024} KiB per rank)."
+        f" checks'\nall_reduce of {_sync.INLINE} * 8 bytes ({_sync.INLINE * 8 // 1024} KiB), whatever the number of"
+        " ranks."
     )
     return 0
 

@@ -91,9 +91,10 @@ class RankValues:
 
 
 def synced_values_by_rank(metrics: Sequence[DecayedSumMetric], process_group: Any | None = None) -> list[RankValues]:
-    """Pooled values and every rank's own value of several metrics, with the same **one** collective.
+    """Pooled values and every rank's own value of several metrics, with **one** collective for both.
 
-    A sync gathers every rank's decayed sums anyway, so each rank's own EMA costs nothing more: a rank whose data or
+    Instead of the ``all_reduce`` of :func:`synced_values`, one ``all_gather`` brings every rank's decayed sums (its
+    bytes grow with the number of ranks), so each rank's own EMA comes with the pooled one: a rank whose data or
     replica has gone wrong shows up as an outlier. Available for metrics whose states travel in the first collective
     of a sync (up to ``ema_metrics._sync.INLINE`` values for all of them together; every :class:`EMAMetric`); a
     larger state is summed by an ``all_reduce``, which keeps no rank's own value.

@@ -8,22 +8,32 @@ those tensors and numbers, never a metric's private attributes, so this module i
 
 A sync is:
 
-1. **One fixed-size ``all_gather``** of ``INLINE`` float64 values per rank: a header, then for each metric a
-   descriptor (a fingerprint of its class, configuration and state layout; its tick count; whether it holds a pooled
-   replica; its stored scale exponent; its summed counters), then, when they fit, the states themselves. The size never
-   depends on the metrics, so ranks whose metrics differ (another ``alpha``, ``num_classes`` or number of metrics)
-   cannot wait in collectives of different sizes: every rank sees every descriptor, runs the same checks (:func:`check`)
-   on the same data and raises the same error.
-2. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`, 7 values each with their
-   descriptor) travel inside that one collective: one collective per sync, and every rank's own state is known.
-3. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
+1. **One ``all_reduce`` of a fixed-size vector** (``INLINE`` float64 values, :func:`reduce_vector`): the checks, then
+   every metric's counters and stored scale exponent, then, when they fit, the states themselves (for larger states,
+   their probes: largest magnitude and counts). The checks are small integers (chunks below ``2 ** 16``) and their
+   squares: the number of metrics, a fingerprint of their classes, configurations and state layouts, and each one's
+   ``2 * ticks + replica``. Every rank sent the same chunk if and only if ``W * sum(d ** 2) == sum(d) ** 2``; both
+   sums are exact in float64 and are compared as integers on the host, so every rank reaches the same verdict from the
+   same reduced vector. The size never depends on the metrics or on the number of ranks: ranks whose metrics differ
+   cannot wait in collectives of different sizes, and the bytes a rank sends and receives do not grow with ``W``.
+2. **Only on a mismatch**, one ``all_gather`` of every rank's descriptors (:func:`local_vector`) names the difference
+   (:func:`check`): every rank raises the same error from the same rows.
+3. **Small states** (the common case: a handful of :class:`~ema_metrics.EMAMetric`) are pooled right there: one
+   collective per sync. A pooled replica (the same state on every rank) is added by rank 0 only.
+4. **Large states** (more than fit in ``INLINE``) travel by a second collective, an ``all_reduce`` of one fresh float64
    copy of the states (made while the first collective is in flight): a rank's extra memory and traffic are
    ``O(S)``, not ``O(world_size * S)``.
 
-The descriptors carry each rank's *stored* exponent, so no sync takes a pass over the states: when every rank's is 0
-(the usual case: no rank went without data until its sums fell below ``2 ** -600``), the states add as they are.
-Only when a rank holds renormalized states are the exact exponents needed: from the gathered rows when the states
-travelled inline, else by one more small ``all_gather``.
+The vector carries each rank's *stored* exponent, so no sync takes a pass over the states: when their sum is 0 (no
+rank went without data until its sums fell below ``2 ** -600``), the states add as they are. Only when a rank holds
+renormalized states are the exact exponents needed: one more small ``all_reduce`` (``MAX``) gives the largest, every
+rank aligns its states to it, and one ``all_reduce`` sums them.
+
+**The gather protocol** (:func:`local_vector`, :func:`check`) remains for what needs every rank's own state: per-rank
+values (``with_ranks``: ``synced_values_by_rank``, the callbacks' rank spread) and a torchmetrics ``dist_sync_fn``
+(which gathers and cannot sum). One ``all_gather`` of ``INLINE`` values per rank carries a header, every metric's
+descriptor (fingerprint, ticks, replica flag, counters, stored exponent) and the small states; every rank checks the
+same rows.
 
 A rank's decayed states are ``mantissa * 2 ** scale`` (see :mod:`ema_metrics.utilities.decay`): pooling aligns every
 rank to the largest exponent (:func:`pool_rows_at`, also used for checkpoint rows and ``merge_state``), so it is exact
@@ -71,10 +81,9 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-#: Float64 values each rank sends in the first collective of every sync (8 KiB): the header, the descriptors and, when
-#: they fit, the states. Sized for scale: every sync, however small, gathers ``world_size * INLINE`` values (8 MiB at
-#: 1024 ranks). ``benchmarks/bench_sync.py`` finds one gather cheaper than the two-collective path up to about 1e4
-#: values at 2 and 4 processes, but a larger ``INLINE`` would make every small sync pay for it at every world size.
+#: Float64 values of the first collective of every sync (8 KiB): the checks, counters, exponents and, when they fit,
+#: the states (an ``all_reduce``; per rank in the gather protocol). A larger ``INLINE`` would make every small sync pay
+#: for it.
 INLINE = 1024
 MAGIC = 20251126.0
 HEADER = 6  # magic, number of metrics, layout fingerprint, descriptor values, large-state values, states inline?
@@ -283,10 +292,14 @@ def split(state: SyncState, values: Tensor) -> dict[str, Tensor]:
     """A flat vector of a metric's states as named states of their own shapes (views, on the states' device)."""
     out: dict[str, Tensor] = {}
     offset = 0
+    device = state.scale.device  # the metric's
+    if values.device != device:
+        values = values.to(device)
     for name, local in state.states.items():
         # a view of the fresh buffer (no copy); torch.save and pickling store a shared buffer once
-        out[name] = values[offset : offset + local.numel()].reshape(local.shape).to(device=local.device)
-        offset += local.numel()
+        k = local.numel()
+        out[name] = values[offset : offset + k].view(local.shape)
+        offset += k
     return out
 
 
@@ -422,8 +435,15 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
     if not metrics:
         return []
     states = _states_of(metrics)
-    n = len(states)
     gather = None if gather is gather_all_tensors else gather  # torchmetrics' default: a plain all_gather
+    if with_ranks or gather is not None:
+        return _pool_gathered(states, group, with_ranks, gather)
+    return _pool_reduced(states, group)
+
+
+def _pool_gathered(states: list[SyncState], group: Any, with_ranks: bool, gather: Any) -> list[Pooled]:
+    """The sync by an all-gather of every rank's descriptors and small states: every rank's own state is known."""
+    n = len(states)
     local = local_vector(states)
     summands: Tensor | None = None
     if local.inline or gather is not None:
@@ -453,7 +473,8 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
     replicas = [desc[0][HEADER + 2 * n + i] == 1 for i in range(n)]
     per_metric = [[row[i] for row in scale_rows] for i in range(n)]
     commons = [common_scale(scales) for scales in per_metric]
-    summed = None if summands is None else _reduce(states, summands, scale_rows, commons, replicas, group)
+    me = rank(group)
+    summed = None if summands is None else _reduce(states, summands, scale_rows[me], commons, me, group)
     plain = not any(replicas) and all(v == c for vs, c in zip(per_metric, commons, strict=True) for v in vs)
     plain_sum = None
     if rows_all is not None and plain:  # the usual case: one sum for all (the one already read, when inline)
@@ -471,7 +492,7 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
                 pooled.values = guessed[part]
         else:
             assert summed is not None
-            scale = scale_rows[rank(group)][i] if replica else common
+            scale = scale_rows[0][i] if replica else common  # a replica is added by rank 0 only
             scale = 0.0 if math.isinf(scale) else scale
             pooled = Pooled(states=split(s, summed[part]), scale=_scalar(scale, summed.device), ticks=0, counters={})
             if scale < 0:  # only a pooled state of metrics without data needs its frame restored
@@ -492,6 +513,245 @@ def pool(metrics: Sequence[Poolable], group: Any = None, with_ranks: bool = Fals
         pooled.counters = {k: int(sum(col)) for k, col in zip(s.counters, columns, strict=True)}
         out.append(pooled)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the all-reduce sync
+#: Bits per check chunk: a chunk and its square summed over up to ``2 ** 20`` ranks stay exact in float64.
+CHUNK_BITS = 16
+#: The first check chunk of every sync (a rank in another collective sends something else).
+MAGIC_CHUNK = 0xE3A5
+HEAD_CHUNKS = 6  # the magic chunk, the number of metrics (2 chunks), the fingerprint of every metric together (3)
+TICK_CHUNKS = 4  # per metric: ``2 * ticks + replica`` (64 bits)
+_MAX_RANKS = 2**20
+
+
+def _chunks(value: int, count: int) -> list[int]:
+    """``value`` (a non-negative integer below ``2 ** (16 * count)``) as ``count`` chunks below ``2 ** 16``."""
+    mask = (1 << CHUNK_BITS) - 1
+    return [(value >> (CHUNK_BITS * k)) & mask for k in range(count)]
+
+
+@dataclass
+class _Reduced:
+    """What this rank adds into the all-reduce of a sync, and where the parts lie in it."""
+
+    vector: Tensor
+    checks: int  # check chunks: the head's then its squares, the metrics' then theirs (then the counters)
+    sizes: list[int]
+    counters: list[int]
+    fits: bool  # the checks, counters and exponents of every metric fit (else only the head checks travel)
+    inline: bool  # the states travel too
+    n_probe: int  # values of the large states' probes that travel instead (0: none)
+    needed: int  # values the checks, counters and exponents of every metric take
+    scales_at: int = 0  # where the exponents start
+    payload_at: int = 0  # where the states (or the probes) start
+    used: int = 0  # how many leading values of the reduced vector the host reads
+
+    def __post_init__(self) -> None:
+        self.scales_at = 2 * self.checks + sum(self.counters)
+        self.payload_at = self.scales_at + len(self.sizes)
+        extra = sum(self.sizes) if self.inline else self.n_probe
+        self.used = self.payload_at + extra if self.fits else 2 * self.checks
+
+
+def reduce_vector(states: Sequence[SyncState], me: int, payload: bool = True) -> _Reduced:
+    """This rank's summand of the all-reduce of a sync of ``states`` (``INLINE`` float64 values, on their device).
+
+    The layout: the check chunks (the magic chunk, the number of metrics, the fingerprint of all of them, then per
+    metric ``2 * ticks + replica``) and their squares; every metric's counters; each metric's stored exponent; then,
+    when they fit (and ``payload``), the states themselves, else the probes of large states. A pooled replica (the same
+    state on every rank) is added by rank ``me == 0`` only, so that the sum holds it once. Everything known on the host
+    goes into one tensor (the one copy of host data).
+    """
+    device = states[0].scale.device
+    n = len(states)
+    counters = [[float(v) for v in s.counters.values()] for s in states]
+    sizes = [s.size for s in states]
+    base = 2 * (HEAD_CHUNKS + TICK_CHUNKS * n) + sum(len(c) for c in counters) + n
+    fits = base <= INLINE
+    inline = fits and base + sum(sizes) <= INLINE
+    n_probe = 0 if inline or not fits else sum(1 + len(s.count_positions) for s in states)
+    if base + n_probe > INLINE:  # no room for the probes: compute's checks then read the pooled states
+        n_probe = 0
+    layout = int(_hash_of(tuple(fingerprint(s) for s in states)))
+    chunks = [MAGIC_CHUNK, *_chunks(n, 2), *_chunks(layout, 3)]
+    mine = [me == 0 or not s.replica for s in states]
+    parts: list[Tensor] = []
+    host: list[float] = []
+    if fits:
+        chunks += [c for s in states for c in _chunks(2 * s.ticks + int(s.replica), TICK_CHUNKS)]
+        host = [v if own else 0.0 for cs, own in zip(counters, mine, strict=True) for v in cs]
+        # the stored exponents: no pass over the states (a sum of 0 means that no rank renormalized)
+        parts = [torch.stack([s.scale if own else _scalar(0.0, device) for s, own in zip(states, mine, strict=True)])]
+        for s, own in zip(states, mine, strict=True):
+            if inline and payload:
+                parts += [_flat_view(t) for t in s.states.values()] if own else [_zeros(s.size, device)]
+            elif n_probe and payload:
+                parts.append(_probe(s) if own else _zeros(1 + len(s.count_positions), device))
+    # the head's squares right after it, at the same place on every rank whatever its metrics: every rank reads the
+    # same verdict on the head, and once the heads agree, the ranks' layouts (and the metrics' checks) do too
+    head, rest = chunks[:HEAD_CHUNKS], chunks[HEAD_CHUNKS:]
+    host = (
+        [float(c) for c in head]
+        + [float(c * c) for c in head]
+        + [float(c) for c in rest]
+        + [float(c * c) for c in rest]
+        + host
+    )
+    tail = _zeros(INLINE - len(host) - sum(p.numel() for p in parts), device)
+    # one copy of host data; torch.cat takes the states to float64 (they are already, but for a subclass's)
+    vector = torch.cat([torch.tensor(host, dtype=_F64, device=device), *parts, tail])
+    return _Reduced(vector, len(chunks), sizes, [len(c) for c in counters], fits, inline, n_probe, base)
+
+
+def _flat_view(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def _zeros(n: int, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=_F64, device=device)
+
+
+def _agree(sums: Sequence[float], checks: int, ranks: int) -> bool:
+    """Whether every rank sent the same check chunks: ``W * sum(d ** 2) == sum(d) ** 2`` for each, as integers.
+
+    By Cauchy-Schwarz the two sides are equal if and only if every rank's chunk is the same. Each sum is an integer
+    below ``2 ** 52`` (chunks below ``2 ** 16``, fewer than ``2 ** 20`` ranks), exact in float64. The head comes first,
+    at the same place on every rank: where it differs every rank stops there; where it agrees, so do the layouts.
+    """
+    h, m = HEAD_CHUNKS, checks - HEAD_CHUNKS
+    pairs = [(j, h + j) for j in range(h)] + [(2 * h + j, 2 * h + m + j) for j in range(m)]
+    return all(ranks * int(sums[q]) == int(sums[d]) ** 2 for d, q in pairs)
+
+
+def _verdict(sums: Sequence[float], local: _Reduced, states: Sequence[SyncState], group: Any) -> None:
+    """The same verdict on every rank from the same reduced checks; on a mismatch, one gather names the culprit."""
+    ranks = world(group)
+    if ranks >= _MAX_RANKS:
+        raise RuntimeError(f"EMA metrics sync: {ranks} ranks; the checks of a sync are exact up to {_MAX_RANKS - 1}")
+    if not _agree(sums, local.checks, ranks):
+        _name_mismatch(states, group)
+    if not local.fits:
+        raise RuntimeError(
+            f"EMA metrics sync: {len(states)} metrics need {local.needed} values for their checks, counters and"
+            f" exponents, more than one sync carries ({INLINE}); sync them in several calls (for example several"
+            " synced_values calls)"
+        )
+
+
+def _name_mismatch(states: Sequence[SyncState], group: Any) -> None:
+    """Gather every rank's descriptors (rare: the ranks differ) and raise the error that names the difference."""
+    local = local_vector(states)
+    rows = _gather(local.vector, group, None).tolist()
+    check(rows, [s.kind for s in states], INLINE)
+    raise RuntimeError(  # the descriptors hold everything the chunks do: not reached unless a rank is not syncing
+        "EMA metrics sync: the ranks sent different checks (was another collective in flight?)"
+    )
+
+
+def _pool_reduced(states: list[SyncState], group: Any) -> list[Pooled]:
+    """The sync by one all-reduce of a fixed-size vector (checks, counters, states) and, for large states, one more."""
+    me = rank(group)
+    local = reduce_vector(states, me)
+    summands: Tensor | None = None
+    if local.inline or not local.fits:
+        reduced = _all_reduce_while(local.vector, group, None)[0]
+    else:  # the states to sum are copied while the checks travel
+        reduced, summands = _all_reduce_while(local.vector, group, lambda: flat(*states))
+    host = reduced[: local.used].tolist()  # the one read-back of the sync
+    _verdict(host, local, states, group)
+    n = len(states)
+    stored = host[local.scales_at : local.scales_at + n]
+    renormalized = any(v != 0 for v in stored)
+    commons = [0.0] * n
+    if renormalized:  # a rank holds renormalized states (no data for thousands of ticks): align to the largest
+        mine, commons = _exponents(states, me, group)
+        summed = _reduce(states, flat(*states) if summands is None else summands, mine, commons, me, group)
+    elif summands is not None:
+        summed = _reduce(states, summands, commons, commons, me, group)
+    else:
+        summed = reduced[local.payload_at : local.payload_at + sum(local.sizes)]
+    out, start, at, probe_at = [], 0, 2 * local.checks, local.payload_at
+    pieces = torch.split(summed, local.sizes)
+    device = states[0].scale.device  # the metrics' (their states come back there from the group's device)
+    scales = torch.zeros(n, dtype=_F64, device=device).unbind() if not renormalized else None
+    for i, s in enumerate(states):
+        part = slice(start, start + local.sizes[i])
+        scale = _scalar(commons[i], device) if scales is None else scales[i]
+        pooled = Pooled(states=split(s, pieces[i]), scale=scale, ticks=s.ticks, counters={})
+        if commons[i] < 0:  # only a pooled state of metrics without data needs its frame restored
+            decay.canonical_(list(pooled.states.values()), s.masks, pooled.scale)
+        pooled.counters = {k: int(v) for k, v in zip(s.counters, host[at : at + local.counters[i]], strict=True)}
+        at += local.counters[i]
+        if local.inline and not renormalized:
+            pooled.values = host[local.payload_at + part.start : local.payload_at + part.stop]
+        elif local.n_probe:
+            width = 1 + len(s.count_positions)
+            peak, *counts = host[probe_at : probe_at + width]
+            probe_at += width
+            # the pooled sum is finite when the ranks' largest magnitudes add up to less than the float64 range (with
+            # room for the rounding of both sums); else compute's checks read the pooled states themselves
+            pooled.finite = True if peak < 2.0**1022 else None
+            pooled.counts = counts
+        start += local.sizes[i]
+        out.append(pooled)
+    return out
+
+
+def _exponents(states: Sequence[SyncState], me: int, group: Any) -> tuple[list[float], list[float]]:
+    """This rank's effective exponent of each metric and the largest over the ranks (0 where no rank holds anything).
+
+    A pass over the states and one small ``all_reduce`` (``MAX``), only after a renormalization.
+    """
+    mine = torch.stack(
+        [s.effective_scale() if me == 0 or not s.replica else _scalar(-math.inf, s.scale.device) for s in states]
+    )
+    largest = mine.clone()
+    if ready(group):
+        largest = largest.to(comm_device(group, largest.device))
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    both = torch.cat([mine.to(largest.device), largest]).tolist()
+    n = len(states)
+    return both[:n], [0.0 if math.isinf(v) else v for v in both[n:]]
+
+
+def _reduce(
+    states: Sequence[SyncState],
+    summands: Tensor,
+    mine: list[float],
+    commons: list[float],
+    me: int,
+    group: Any,
+) -> Tensor:
+    """Every metric's states (``summands``, this rank's fresh copy) summed over the ranks by **one** ``all_reduce``.
+
+    A rank's states are rescaled to the common exponent first, only where it differs (usually every rank is at 0). A
+    pooled replica (every rank holds the same pooled state) is added by rank 0 only.
+    """
+    at = 0
+    for i, s in enumerate(states):
+        part = summands[at : at + s.size]
+        if s.replica and me != 0:
+            part.zero_()
+        elif mine[i] != commons[i]:
+            factor = 0.0 if math.isinf(mine[i]) else 2.0 ** (mine[i] - commons[i])
+            part.copy_(torch.where(s.flat_mask(part.device), part * factor, part))
+        at += part.numel()
+    return _all_reduce_while(summands, group, None)[0]
+
+
+def _all_reduce_while(
+    local: Tensor, group: Any, meanwhile: Callable[[], Tensor] | None
+) -> tuple[Tensor, Tensor | None]:
+    """The sum of every rank's ``local`` (on the group's device), and what ``meanwhile`` returns, run in flight."""
+    if not ready(group):
+        return local, None if meanwhile is None else meanwhile()
+    buffer = local.to(comm_device(group, local.device))  # NCCL takes CUDA tensors only
+    work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=meanwhile is not None)
+    done = None if meanwhile is None else meanwhile()
+    if work is not None:
+        work.wait()
+    return buffer, done
 
 
 def _scalar(value: float, device: torch.device) -> Tensor:
@@ -517,45 +777,12 @@ def _exact_scales(
 
 
 def check_alike(metrics: Sequence[Poolable], group: Any = None) -> None:
-    """Only the checks of a sync (its first, fixed-size collective): the same error on every rank if they differ."""
+    """Only the checks of a sync (its fixed-size all-reduce, without the states): the same error on every rank."""
     if metrics:
         states = _states_of(metrics)
-        local = local_vector(states)
-        gathered = _gather(local.vector, group, None)  # its one read-back is below
-        check(gathered[:, : min(HEADER + local.n_desc, INLINE)].tolist(), [s.kind for s in states], INLINE)
-
-
-def _reduce(
-    states: Sequence[SyncState],
-    summands: Tensor,
-    scales: list[list[float]],
-    commons: list[float],
-    replicas: list[bool],
-    group: Any,
-) -> Tensor:
-    """Every metric's states (``summands``, this rank's fresh copy) summed over the ranks by **one** ``all_reduce``.
-
-    A rank's states are rescaled to the common exponent first, only where it differs (usually every rank is at 0). A
-    pooled replica (every rank holds the same pooled state) keeps this rank's copy.
-    """
-    me, at, kept = rank(group), 0, []
-    for i, s in enumerate(states):
-        part = summands[at : at + s.size]
-        mine = scales[me][i]
-        if replicas[i]:
-            kept.append((at, part.clone()))
-        elif mine != commons[i]:
-            factor = 0.0 if math.isinf(mine) else 2.0 ** (mine - commons[i])
-            part.copy_(torch.where(s.flat_mask(part.device), part * factor, part))
-        at += part.numel()
-    if ready(group) and len(kept) < len(states):
-        device = comm_device(group, summands.device)
-        on_comm = summands.to(device)
-        dist.all_reduce(on_comm, op=dist.ReduceOp.SUM, group=group)
-        summands = on_comm  # split() brings each pooled state back to its metric's device
-        for at, copy in kept:
-            summands[at : at + copy.numel()].copy_(copy)
-    return summands
+        local = reduce_vector(states, rank(group), payload=False)
+        reduced = _all_reduce_while(local.vector, group, None)[0]
+        _verdict(reduced[: 2 * local.checks].tolist(), local, states, group)  # its one read-back
 
 
 def _gather(local: Tensor, group: Any, gather: Any) -> Tensor:

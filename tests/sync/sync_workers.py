@@ -114,6 +114,10 @@ def mismatch(rank: int, world: int, kind: str, inline: int) -> str:
     for _ in range(ticks):
         metric.update(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]))
     extra = [EMAMetric(alpha=ALPHA)] if (kind == "count" and rank == 1) else []
+    if kind == "replica" and rank == 1:  # rank 1 holds its state as if it were the pooled replica of a checkpoint
+        s = metric.sync_state()
+        states = {n: t.clone() for n, t in s.states.items()}
+        metric.load_sync_state(_sync.Pooled(states, s.scale.clone(), s.ticks, dict(s.counters)), replica=True)
     try:
         synced_values([metric, *extra])
     except RuntimeError as err:
@@ -213,4 +217,63 @@ def stalls_per_sync(rank: int, world: int) -> dict[str, Any]:
     with recording(cpu_run=True) as record:
         pool_into_every_rank(replicas)
     out["pooled replicas after fit"] = record.summary()
+    return out
+
+
+class ByteCounter(Counter):
+    """Counts the bytes each collective sends and receives on this rank while active (tensor sizes, not wire bytes).
+
+    An ``all_reduce`` sends its tensor and receives the sum into it; a gather sends its input and receives its output
+    (every rank's input, or none on the ranks that do not collect).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            tensors = [a for a in args if isinstance(a, (torch.Tensor, list))]
+            sizes = [sum(t.nbytes for t in a) if isinstance(a, list) else a.nbytes for a in tensors]
+            self.bytes += 2 * sizes[0] if name in ("all_reduce", "reduce", "broadcast") else sum(sizes)
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def bytes_per_sync(rank: int, world: int) -> dict[str, Any]:
+    """Bytes sent and received on this rank by one sync of small metrics, of each one's compute(), of a large state."""
+    metrics = [EMAMetric(alpha=ALPHA) for _ in range(3)] + [EMAWrapper(MeanSquaredError(), alpha=ALPHA)]
+    large = EMAWrapper(MulticlassConfusionMatrix(num_classes=40, validate_args=False), alpha=ALPHA)
+    for i, m in enumerate(metrics[:3]):
+        m.update(float(rank + i), weight=1.0 + rank)
+    metrics[3].update(torch.ones(3) * rank, torch.zeros(3))
+    large.update(torch.arange(40) % (rank + 2), torch.arange(40))
+    out: dict[str, Any] = {}
+    for form, run in (
+        ("synced_values", lambda: synced_values(metrics)),
+        ("compute", lambda: metrics[0].compute()),
+        ("large synced_values", lambda: synced_values([large])),
+        ("large compute", lambda: large.compute()),
+    ):
+        with ByteCounter() as counter:
+            run()
+        out[form] = (counter.bytes, counter.calls)
+    return out
+
+
+def too_many(rank: int, world: int, inline: int) -> list[str]:
+    """Two metrics whose checks do not fit a sync of ``inline`` values: every rank must raise (the messages)."""
+    _sync.INLINE = inline
+    metrics = [EMAMetric(alpha=ALPHA), EMAMetric(alpha=ALPHA)]
+    for m in metrics:
+        m.update(float(rank))
+    out = []
+    for run in (lambda: synced_values(metrics), lambda: _sync.check_alike(metrics)):
+        try:
+            run()
+            out.append("no error")
+        except RuntimeError as err:
+            out.append(str(err))
     return out

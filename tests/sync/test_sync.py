@@ -1,8 +1,8 @@
 """The one sync mechanism, at 2 and 3 gloo processes, on both of its paths, against float64 pooled oracles.
 
-Small states travel inside the first (fixed-size) collective; larger ones are summed by an ``all_reduce``. The path is
-chosen by the size of the first collective (``_sync.INLINE``), which the workers set: the same metrics go through
-both paths here. Each oracle is a float64 numpy loop over the data of every rank.
+Small states travel inside the one fixed-size ``all_reduce`` of a sync, with their checks; larger ones are summed by a
+second ``all_reduce``. The path is chosen by the size of the first collective (``_sync.INLINE``), which the workers
+set: the same metrics go through both paths here. Each oracle is a float64 numpy loop over the data of every rank.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from ema_metrics import EMAMetric, _sync
 from tests.ddp_utils import FLAT_GATHER, run_ddp
 from tests.sync import sync_workers as w
 
-SMALL, LARGE = 1024, 24  # first-collective sizes: everything inline, or only the descriptors
+# first-collective sizes: everything inline; the checks of the three metrics but not their states (each alone but the
+# confusion matrix inline); the checks of one small confusion matrix or EMAMetric and its probe, not its states
+SMALL, LARGE, TIGHT = 1024, 44, 24
 N_CLASSES = 5
 
 
@@ -61,17 +63,17 @@ def test_both_paths_give_the_pooled_oracle_on_every_rank(world: int) -> None:
     small, large = results[SMALL][0], results[LARGE][0]
     for a, b in zip(small["values"], large["values"], strict=True):
         assert _close(a, b)
-    # one collective for all three metrics when small; the descriptors' gather and one sum when large
-    assert small["together"] == [FLAT_GATHER]
-    assert large["together"] == [FLAT_GATHER, "all_reduce"]
-    assert small["compute"] == [FLAT_GATHER] * 3  # one per compute()
+    # one collective for all three metrics when small; the checks' all_reduce and one sum of the states when large
+    assert small["together"] == ["all_reduce"]
+    assert large["together"] == ["all_reduce", "all_reduce"]
+    assert small["compute"] == ["all_reduce"] * 3  # one per compute()
     # compute() of each metric alone: only the confusion matrix (25 values) is too large to travel inline, and
     # compute() sums it as synced_values does: it never gathers a large state
-    assert large["compute"] == [FLAT_GATHER, FLAT_GATHER, "all_reduce", FLAT_GATHER]
+    assert large["compute"] == ["all_reduce"] * 4
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("inline", [SMALL, 12])
+@pytest.mark.parametrize("inline", [SMALL, TIGHT])
 @pytest.mark.parametrize(
     ("kind", "match"),
     [
@@ -79,6 +81,7 @@ def test_both_paths_give_the_pooled_oracle_on_every_rank(world: int) -> None:
         ("config", r"configuration \(alpha, adjust, nan_strategy\) or state layout"),
         ("layout", r"state layout \(such as num_classes\)"),
         ("count", r"metrics per rank: \[1, 2\]"),
+        ("replica", r"some ranks hold a pooled replica of the state and others a rank-local state \(\[False, True\]\)"),
     ],
 )
 def test_mismatched_ranks_raise_the_same_error_everywhere_without_hanging(inline: int, kind: str, match: str) -> None:
@@ -88,7 +91,7 @@ def test_mismatched_ranks_raise_the_same_error_everywhere_without_hanging(inline
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("inline", [SMALL, 12])
+@pytest.mark.parametrize("inline", [SMALL, TIGHT])
 def test_a_subgroup_pools_its_own_ranks_only(inline: int) -> None:
     results = run_ddp(w.subgroup, 3, inline, timeout=60)
     data = [w.rank_data(r, 3) for r in (0, 2)]
@@ -132,7 +135,7 @@ def test_alpha_one_keeps_the_last_value_like_pandas() -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("inline", [SMALL, 12])
+@pytest.mark.parametrize("inline", [SMALL, TIGHT])
 @pytest.mark.parametrize("silent", [False, True])
 def test_long_empty_runs_stay_exact_across_ranks(inline: int, silent: bool) -> None:
     ranks = run_ddp(w.long_empty_run, 2, 0.5, 5000, inline, silent, timeout=120)
@@ -142,9 +145,9 @@ def test_long_empty_runs_stay_exact_across_ranks(inline: int, silent: bool) -> N
     assert before == pytest.approx(expected_before, rel=1e-12)
     assert after == pytest.approx(before, rel=1e-12)  # 5000 empty ticks at alpha 0.5: 2**-5000 of decay
     assert resumed == pytest.approx(10.0, rel=1e-12)  # only rank 0's new value counts (rank 1 added weight 0)
-    # renormalized states: inline, still the one collective; summed, one more small gather for the exact exponents
-    want = [FLAT_GATHER] if inline == SMALL else [FLAT_GATHER, FLAT_GATHER, "all_reduce"]
-    assert ranks[0]["collectives_after"] == want
+    # renormalized states: the checks' all_reduce, then the largest exponent (a small all_reduce) and the sum aligned
+    # to it (the rare path, the same whether or not the states travelled with the checks)
+    assert ranks[0]["collectives_after"] == ["all_reduce"] * 3
 
 
 def _oracle_loss(world: int, ranks: tuple[int, ...] | None = None) -> float:
@@ -251,3 +254,58 @@ def test_a_cpu_metric_under_nccl_is_pooled_through_a_buffer_on_the_current_cuda_
     assert _sync.comm_device(None, cpu) == cpu
     backend["name"] = "cpu:gloo,cuda:nccl"  # a group with both: CPU tensors go to gloo
     assert _sync.comm_device(None, cpu) == cpu
+
+
+@pytest.mark.ddp
+def test_the_bytes_of_a_sync_do_not_grow_with_the_number_of_ranks() -> None:
+    # Every collective of a sync is wrapped and the bytes it sends and receives on the rank are counted: a per-step
+    # sync (small states, their checks included) is one all_reduce of INLINE float64 values on every rank at any world
+    # size; a large state adds one all_reduce of its own size. An all_gather would grow with the number of ranks.
+    per_world = {world: run_ddp(w.bytes_per_sync, world, timeout=60) for world in (2, 3, 4)}
+    for world, ranks in per_world.items():
+        assert all(r == ranks[0] for r in ranks), f"{world} ranks: {ranks}"
+    first = per_world[2][0]
+    assert all(ranks[0] == first for ranks in per_world.values()), per_world
+    buffer = 2 * _sync.INLINE * 8  # sent and received
+    assert first["synced_values"] == (buffer, ["all_reduce"])
+    assert first["compute"] == (buffer, ["all_reduce"])
+    large = buffer + 2 * (40 * 40 + 1) * 8  # the checks, then the states (the counts of dropped updates included)
+    assert first["large synced_values"] == (large, ["all_reduce", "all_reduce"])
+    assert first["large compute"] == (large, ["all_reduce", "all_reduce"])
+
+
+@pytest.mark.ddp
+def test_too_many_metrics_for_one_sync_raise_the_same_error_everywhere() -> None:
+    # two EMAMetric need 2 * (6 + 2 * 4) check values, 2 counters and 2 exponents: 32, more than 24
+    messages = run_ddp(w.too_many, 2, TIGHT, timeout=30)
+    assert messages[0] == messages[1]
+    for message in messages[0]:
+        assert re.search(r"2 metrics need 32 values .* more than one sync carries \(24\)", message), message
+
+
+def _states(n: int, ticks: int = 2, alpha: float = w.ALPHA) -> list[_sync.SyncState]:
+    metrics = [EMAMetric(alpha=alpha) for _ in range(n)]
+    for m in metrics:
+        for t in range(ticks):
+            m.update(float(t))
+    return [m.sync_state() for m in metrics]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "alike"),
+    [
+        ([_states(1), _states(1)], True),
+        ([_states(2), _states(2), _states(2)], True),
+        ([_states(1), _states(3)], False),  # another number of metrics: the layouts of the vectors differ
+        ([_states(3), _states(1), _states(3)], False),
+        ([_states(2), _states(2, ticks=3)], False),
+        ([_states(2), _states(2, alpha=0.5)], False),
+    ],
+)
+def test_every_rank_reads_the_same_verdict_from_the_reduced_checks(ranks: list[Any], alike: bool) -> None:
+    # The all-reduce summed in one process: each rank reads the same sums through its own layout, and must reach the
+    # same verdict (else one would go on to pool while another gathers to name the difference: a hang)
+    local = [_sync.reduce_vector(states, r) for r, states in enumerate(ranks)]
+    sums = torch.stack([v.vector for v in local]).sum(dim=0).tolist()
+    verdicts = [_sync._agree(sums, v.checks, len(ranks)) for v in local]
+    assert verdicts == [alike] * len(ranks)

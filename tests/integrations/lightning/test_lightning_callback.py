@@ -29,7 +29,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning tests need `
 import ema_metrics  # noqa: E402
 from ema_metrics import EMAMetric  # noqa: E402
 from ema_metrics.lightning import EMAMetricsCallback  # noqa: E402
-from tests.ddp_utils import FLAT_GATHER, require_gloo  # noqa: E402
+from tests.ddp_utils import require_gloo  # noqa: E402
 from tests.lightning_helpers import (  # noqa: E402
     DDP,
     N_FEATURES,
@@ -547,7 +547,7 @@ def test_resume_on_another_number_of_processes(runs: ResumeRuns) -> None:
 def test_one_collective_per_step_for_all_metrics_of_all_instances(tmp_path: Path, sync: str) -> None:
     """3 module metrics + 1 zero-code metric in a second instance, 2 processes, accumulate 2.
 
-    ``sync="step"``: exactly one all_gather per optimizer step (at its last micro-batch), for both instances
+    ``sync="step"``: exactly one all_reduce per optimizer step (at its last micro-batch), for both instances
     together; ``sync="logged"``: one per logged step. Plus one after fit, which leaves every rank the pooled state.
     """
     require_gloo()
@@ -569,7 +569,7 @@ def test_one_collective_per_step_for_all_metrics_of_all_instances(tmp_path: Path
         events = [tuple(e) for e in json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())]
         assert any(not from_ema for _, _, from_ema in events)  # the counter does see Lightning's own collectives
         from_ema = [(batch, name) for batch, name, ema in events if ema]
-        expected = [(b, FLAT_GATHER) for b in last_micro_batch] + [(None, FLAT_GATHER)]
+        expected = [(b, "all_reduce") for b in last_micro_batch] + [(None, "all_reduce")]
         assert from_ema == expected, f"rank {rank}: {events}"
 
     oracles = {

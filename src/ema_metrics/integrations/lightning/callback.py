@@ -87,7 +87,8 @@ class EMAMetricsCallbackBase:
         prog_bar: show the zero-code values in the progress bar.
         sync: ``"step"`` (pool every optimizer step) or ``"logged"`` (only the steps Lightning logs).
         rank_spread: also log ``<name>/rank_min`` and ``<name>/rank_max``, the smallest and largest of the ranks'
-            own EMAs, at every sync (no extra collective: the sync gathers every rank's sums anyway). ``<name>`` is
+            own EMAs, at every sync (still one collective: with a spread the sync gathers every rank's sums instead
+            of summing them, so its bytes grow with the number of ranks). ``<name>`` is
             the metric's attribute path, or the log name of a zero-code metric; only scalar metrics whose states
             travel in the sync's first collective (every ``EMAMetric``) have a spread.
 
