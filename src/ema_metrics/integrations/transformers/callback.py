@@ -228,10 +228,7 @@ class EMALossCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             }
         else:
             values = {self.name: float(synced_values([self.metric])[0])}  # one collective, on every rank
-        logs.update(values)
-        last = state.log_history[-1] if state.log_history else None
-        if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
-            last.update(values)
+        internals.add_to_log(state, logs, values)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Remove the forward hook (the metric keeps this rank's state)."""

@@ -13,6 +13,19 @@ from typing import Any
 from torch import Tensor
 
 
+def add_to_log(state: Any, logs: dict[str, Any], values: Mapping[str, float]) -> None:
+    """Add ``values`` to a training log, and to the ``log_history`` entry the Trainer already made of it.
+
+    ``Trainer.log`` appends ``{**logs, "step": ...}`` to ``state.log_history`` before it calls the callbacks'
+    ``on_log`` with ``logs`` (transformers 4.48 to 5.25): the reporters read ``logs``, ``log_history`` is what
+    ``trainer_state.json`` keeps, so both get the values.
+    """
+    logs.update(values)
+    last = state.log_history[-1] if state.log_history else None
+    if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
+        last.update(values)
+
+
 def callback_handler(callback: Any) -> Any | None:
     """The Trainer's ``CallbackHandler`` that is dispatching an event to ``callback`` right now, or ``None``.
 

@@ -284,10 +284,7 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         pooled = synced_values([self.metrics[key] for key in keys])  # one collective, on every rank
         values = {f"{key}{self.suffix}": float(v) for key, v in zip(keys, pooled, strict=True)}
         values = {key: v for key, v in values.items() if math.isfinite(v)}  # a number not observed yet
-        logs.update(values)
-        last = state.log_history[-1] if state.log_history else None
-        if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
-            last.update(values)
+        hf_internals.add_to_log(state, logs, values)
 
 
 def attach(
