@@ -160,7 +160,7 @@ def test_grpo_micro_batches_read_nothing_back_and_copy_nothing(loss_type: str) -
     }
 
 
-@pytest.mark.parametrize("num_items", [None, 9, "device"])
+@pytest.mark.parametrize("num_items", [None, 9, "cpu 0-d", "device"])
 def test_sft_micro_batches_read_nothing_back_and_copy_nothing(num_items: Any) -> None:
     trainer = _bare(
         SFTTrainer,
@@ -179,7 +179,7 @@ def test_sft_micro_batches_read_nothing_back_and_copy_nothing(num_items: Any) ->
     callback = EMATRLCallback(trainer, half_life=3)
     for metric in callback.metrics.values():
         metric.to(DEV)
-    items = torch.full((), 9, device=DEV) if num_items == "device" else num_items
+    items = {"device": torch.full((), 9, device=DEV), "cpu 0-d": torch.tensor(9)}.get(num_items, num_items)
     inputs = {"labels": torch.ones((2, 6), dtype=torch.long, device=DEV)}
     callback.on_step_begin(None, None, None)
     with recording() as record:

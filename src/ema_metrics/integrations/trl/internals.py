@@ -238,7 +238,7 @@ def grpo_loss_sum(trainer: Any, inputs: Mapping[str, Any], loss: Tensor) -> tupl
         items = inputs["num_items_in_batch"]
         scale = accumulation / (float(trainer.accelerator.num_processes) * float(trainer.args.steps_per_generation))
         if isinstance(items, Tensor):
-            return value * items.to(device=value.device, dtype=torch.float64).clamp(min=1.0) * scale, tokens
+            return value * items.to(torch.float64).clamp(min=1.0) * scale, tokens  # a CPU 0-d one as a scalar
         return value * (max(float(items), 1.0) * scale), tokens
     raise ValueError(f"Unknown GRPO loss_type {loss_type!r}: its normalization is not known to ema_metrics.trl")
 
@@ -303,5 +303,6 @@ def sft_loss_sum(trainer: Any, inputs: Mapping[str, Any], loss: Tensor, num_item
     if trainer.args.average_tokens_across_devices:
         processes = float(trainer.accelerator.num_processes // trainer.get_tp_size())
     if isinstance(num_items, Tensor):
-        return value * num_items.to(device=value.device, dtype=torch.float64) / processes, count
+        # a CPU 0-d count joins the device kernel as a scalar argument: no copy to the device
+        return value * num_items.to(torch.float64) / processes, count
     return value * (float(num_items) / processes), count
