@@ -309,3 +309,43 @@ def test_every_rank_reads_the_same_verdict_from_the_reduced_checks(ranks: list[A
     sums = torch.stack([v.vector for v in local]).sum(dim=0).tolist()
     verdicts = [_sync._agree(sums, v.checks, len(ranks)) for v in local]
     assert verdicts == [alike] * len(ranks)
+
+
+@pytest.mark.parametrize("ranks", [2, 1024, 1025, 2**20 - 1])
+@pytest.mark.parametrize("chunk", [1, 2**16 - 1])
+def test_the_verdict_is_exact_at_the_extremes_of_chunks_and_ranks(ranks: int, chunk: int) -> None:
+    # The largest chunks at the most ranks (the float and the integer comparisons both): one rank sending a chunk one
+    # below the others must be told apart from every rank sending the same, at every check position
+    checks = _sync.HEAD_CHUNKS + _sync.TICK_CHUNKS
+    for position in range(checks):
+        for odd in (None, chunk - 1):
+            sent = [chunk] * ranks if odd is None else [chunk] * (ranks - 1) + [odd]
+            # the layout: the head's chunks then their squares, the metrics' chunks then theirs
+            head, rest = _sync.HEAD_CHUNKS, _sync.TICK_CHUNKS
+            alike, squares = float(chunk * ranks), float(chunk * chunk * ranks)
+            sums = [alike] * head + [squares] * head + [alike] * rest + [squares] * rest
+            at, square_at = (position, head + position) if position < head else (head + position, checks + position)
+            sums[at], sums[square_at] = float(sum(sent)), float(sum(c * c for c in sent))
+            # both sums exact in float64 (the premise of the check)
+            assert sums[at] == sum(sent) and sums[square_at] == sum(c * c for c in sent)
+            assert _sync._agree(sums, checks, ranks) is (odd is None), (position, odd)
+
+
+def test_the_layout_of_a_sync_is_built_once_and_rebuilt_when_it_changes() -> None:
+    metrics = [EMAMetric(alpha=w.ALPHA) for _ in range(2)]
+    for m in metrics:
+        m.update(1.0)
+    first = _sync.reduce_vector([m.sync_state() for m in metrics], 0).plan
+    for m in metrics:
+        m.update(2.0)
+    assert _sync.reduce_vector([m.sync_state() for m in metrics], 0).plan is first  # the ticks changed, not the layout
+    other = EMAMetric(alpha=0.5)  # another configuration: another fingerprint in the head
+    other.update(1.0)
+    changed = _sync.reduce_vector([metrics[0].sync_state(), other.sync_state()], 0).plan
+    assert changed is not first and changed.head != first.head
+    # the same metrics and the same vector from a fresh layout: the cache changes nothing but the time
+    _sync._PLANS.clear()
+    states = [m.sync_state() for m in metrics]
+    fresh = _sync.reduce_vector(states, 0)
+    assert fresh.plan is not first and fresh.plan.head == first.head
+    assert torch.equal(fresh.vector, _sync.reduce_vector(states, 0).vector)
