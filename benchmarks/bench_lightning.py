@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 
 from ema_metrics import EMAMetric
-from ema_metrics._sync import INLINE
+from ema_metrics._sync.collectives import INLINE
 from ema_metrics.lightning import EMAMetricsCallback
 
 VARIANTS = ("ema", "ema_logged", "sync_dist", "torchmetrics", "floor", "raw")

@@ -3,9 +3,9 @@
 **Per-step syncs** (the first table): four ``EMAMetric`` pooled by one sync, the common case of a logging step. In the
 same gloo processes, interleaved call by call so that the noise of the machine falls on all three alike:
 
-- ``sync``: ``_sync.pool`` as shipped: one ``all_reduce`` of ``_sync.INLINE`` float64 values (checks and states);
-- ``bare``: ``torch.distributed.all_reduce`` of ``_sync.INLINE`` float64 values, nothing else (the floor);
-- ``gather``: the gather protocol (what every sync used before: one ``all_gather`` of ``_sync.INLINE`` values per
+- ``sync``: ``_sync.pool`` as shipped: one ``all_reduce`` of ``INLINE`` float64 values (checks and states);
+- ``bare``: ``torch.distributed.all_reduce`` of ``INLINE`` float64 values, nothing else (the floor);
+- ``gather``: the gather protocol (what every sync used before: one ``all_gather`` of ``INLINE`` values per
   rank, checked and summed on the host), which per-rank values still take.
 
 Each round starts fresh processes; the table gives the median over rounds of each rank's median time (the slowest
@@ -15,11 +15,11 @@ rank) and of the ratios.
 float64 values. Each case runs in fresh gloo processes (CPU), fed the same data on every rank, and measures on every
 rank:
 
-- ``gather``: the states travel inside the collective (``_sync.INLINE`` set large enough) of the gather protocol: one
+- ``gather``: the states travel inside the collective (``INLINE`` set large enough) of the gather protocol: one
   ``all_gather`` of ``world_size * S`` values;
 - ``reduce``: the checks' ``all_reduce`` carries no state, the states are summed by a second ``all_reduce``;
 - ``bare``: ``torch.distributed.all_reduce`` of ``S`` float64 values, nothing else (the floor);
-- ``default``: whichever path ``_sync.INLINE`` picks (the shipped threshold).
+- ``default``: whichever path ``INLINE`` picks (the shipped threshold).
 
 Time is the median over repeats of the slowest rank (a barrier before each). Peak extra memory is the rise of the
 process's peak resident memory (``ru_maxrss``) during the first sync over its resident memory just before it, so it
@@ -48,6 +48,7 @@ import torch.multiprocessing as mp
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ema_metrics import EMAMetric, EMAWrapper, _sync
+from ema_metrics._sync import collectives
 
 PATHS = ("gather", "reduce", "bare", "default")
 SMALL_PATHS = ("sync", "bare", "gather")
@@ -68,9 +69,9 @@ def _worker(rank: int, world: int, port: int, classes: int, path: str, repeats: 
         metric.update(torch.randint(0, classes, (64,), generator=g), torch.randint(0, classes, (64,), generator=g))
     size = classes * classes
     if path == "gather":
-        _sync.INLINE = size + 64
+        collectives.INLINE = size + 64
     elif path == "reduce":
-        _sync.INLINE = 64
+        collectives.INLINE = 64
     flat = torch.zeros(size, dtype=torch.float64)
 
     def once() -> None:
@@ -101,7 +102,7 @@ def _small_worker(rank: int, world: int, port: int, repeats: int, out: str) -> N
     metrics = [EMAMetric(alpha=0.1) for _ in range(4)]
     for i, m in enumerate(metrics):
         m.update(float(rank + i), weight=1.0 + rank)
-    flat = torch.zeros(_sync.INLINE, dtype=torch.float64)
+    flat = torch.zeros(collectives.INLINE, dtype=torch.float64)
     calls = {
         "sync": lambda: _sync.pool(metrics),
         "bare": lambda: dist.all_reduce(flat),
@@ -154,9 +155,10 @@ def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
             f" | {statistics.median(to_gather):11.2f} {min(to_gather):5.2f}-{max(to_gather):<5.2f}",
             flush=True,
         )
+    kib = collectives.INLINE * 8 // 1024
     print(
-        f"Target: sync/bare <= 1.2. Bytes per rank per sync: the all_reduce of {_sync.INLINE * 8 // 1024} KiB at any"
-        f" number of ranks;\nthe gather receives world_size * {_sync.INLINE * 8 // 1024} KiB (8 MiB at 1,024 ranks,"
+        f"Target: sync/bare <= 1.2. Bytes per rank per sync: the all_reduce of {kib} KiB at any"
+        f" number of ranks;\nthe gather receives world_size * {kib} KiB (8 MiB at 1,024 ranks,"
         " 128 MiB at 16,384).\n"
     )
 
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = tuple(c for c in classes if c >= 100)
     repeats = 5 if args.quick else 15
     print(
-        f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold _sync.INLINE = {_sync.INLINE}"
+        f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold INLINE = {collectives.INLINE}"
         f" float64 values per rank in the first collective\n"
     )
     if not args.large:
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "\nTargets: at 4 processes and large S, `reduce` within 1.5x of `bare`, and its peak extra memory within 2x"
         " of S.\nCost per sync: `gather` moves and holds world_size * S values on every rank (64 ranks x 8 MB = 512"
         " MB,\n1024 ranks = 8 GB); `reduce` holds about 2 * S (a ring all_reduce moves about 2 * S per rank) plus the"
-        f" checks'\nall_reduce of {_sync.INLINE} * 8 bytes ({_sync.INLINE * 8 // 1024} KiB), whatever the number of"
-        " ranks."
+        f" checks'\nall_reduce of {collectives.INLINE} * 8 bytes ({collectives.INLINE * 8 // 1024} KiB), whatever"
+        " the number of ranks."
     )
     return 0
 

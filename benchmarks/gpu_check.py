@@ -7,9 +7,9 @@ prints a short JSON summary and exits non-zero if a check failed:
   tensors, device tensors, ``EMAWrapper``, after ``reset()``/``load_state_dict()``/``.to()``) under
   ``torch.cuda.set_sync_debug_mode("error")``, which turns every hidden synchronization into an exception, and under
   the profiler, which counts the copies between host and device (expected: none, except the first update's).
-- ``sync``: a one-process NCCL group with the collectives forced (``ema_metrics._sync.FORCE_COLLECTIVES``; one rank
-  otherwise pools locally): ``synced_values`` of k metrics, ``compute()``, ``merge_state``, a metric left on the CPU;
-  the profiler's count of host-device copies per sync (expected: at most one each way, whatever k).
+- ``sync``: a one-process NCCL group with the collectives forced (``ema_metrics._sync.collectives.FORCE_COLLECTIVES``;
+  one rank otherwise pools locally): ``synced_values`` of k metrics, ``compute()``, ``merge_state``, a metric left on
+  the CPU; the profiler's count of host-device copies per sync (expected: at most one each way, whatever k).
 - ``cuda_graph``: capturing ``update`` in a CUDA graph raises a clear error (the tick count is a Python number).
 - ``timing``: microseconds per call of ``EMAMetric`` and ``MeanMetric`` in the same run.
 - ``lightning``: a real Lightning fit on the device (bf16-mixed on CUDA, ``accumulate_grad_batches=2``) with an
@@ -137,7 +137,7 @@ def check_sync(device: torch.device) -> dict[str, Any]:
     """A one-process group with the collectives forced: values and copies per sync."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    _sync.FORCE_COLLECTIVES = True
+    _sync.collectives.FORCE_COLLECTIVES = True
     out: dict[str, Any] = {"backend": backend}
     try:
         for k in (1, 3, 8):
@@ -166,7 +166,7 @@ def check_sync(device: torch.device) -> dict[str, Any]:
         )
         out["ok"] = ok and out["cpu metric"]["value"] == 4.0
     finally:
-        _sync.FORCE_COLLECTIVES = False
+        _sync.collectives.FORCE_COLLECTIVES = False
         dist.destroy_process_group()
     return out
 

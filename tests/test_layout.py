@@ -18,7 +18,7 @@ CORE = {f"ema_metrics.{n}" for n in ("_fast", "_base", "ema", "wrapper", "_funct
 FACES = {f"ema_metrics.{n}" for n in ("__init__", "lightning", "pytorch_lightning", "transformers", "trl")}
 LAYERS = [
     ("utilities", lambda m: m.startswith("ema_metrics.utilities")),
-    ("sync", lambda m: m == "ema_metrics._sync"),
+    ("sync", lambda m: m == "ema_metrics._sync" or m.startswith("ema_metrics._sync.")),
     ("core", lambda m: m in CORE),
     ("integrations", lambda m: m.startswith("ema_metrics.integrations")),
     ("faces", lambda m: m in FACES),

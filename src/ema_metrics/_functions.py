@@ -96,8 +96,8 @@ def synced_values_by_rank(metrics: Sequence[DecayedSumMetric], process_group: An
     Instead of the ``all_reduce`` of :func:`synced_values`, one ``all_gather`` brings every rank's decayed sums (its
     bytes grow with the number of ranks), so each rank's own EMA comes with the pooled one: a rank whose data or
     replica has gone wrong shows up as an outlier. Available for metrics whose states travel in the first collective
-    of a sync (up to ``ema_metrics._sync.INLINE`` values for all of them together; every :class:`EMAMetric`); a
-    larger state is summed by an ``all_reduce``, which keeps no rank's own value.
+    of a sync (up to ``ema_metrics._sync.collectives.INLINE`` values for all of them together; every
+    :class:`EMAMetric`); a larger state is summed by an ``all_reduce``, which keeps no rank's own value.
 
     Args:
         metrics: the EMA metrics (every rank passes the same ones in the same order).
@@ -140,8 +140,9 @@ def _pool_values(metrics: Sequence[DecayedSumMetric], process_group: Any, with_r
             if p.ranks is None:
                 raise ValueError(
                     f"{type(metrics[i]).__name__}: per-rank values need every rank's state, which travels in the first"
-                    f" collective of a sync only up to {_sync.INLINE} values for all the metrics together; these"
-                    " states are larger and are summed by an all_reduce. Ask for fewer or smaller metrics at once."
+                    f" collective of a sync only up to {_sync.collectives.INLINE} values for all the metrics"
+                    " together; these states are larger and are summed by an all_reduce. Ask for fewer or smaller"
+                    " metrics at once."
                 )
             ranks = [metrics[i]._value_from_states(states) for states in p.ranks]
             values[i] = RankValues(pooled=value, ranks=torch.stack([torch.as_tensor(r) for r in ranks]))

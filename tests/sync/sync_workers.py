@@ -89,7 +89,7 @@ class Counter:
 
 def pooled_values(rank: int, world: int, n_classes: int, inline: int) -> dict[str, Any]:
     """Each rank feeds its own data; returns the pooled values and the collectives of each sync path."""
-    _sync.INLINE = inline
+    _sync.collectives.INLINE = inline
     metrics = make_metrics(n_classes)
     feed(metrics, rank_data(rank, n_classes))
     with Counter() as together:
@@ -106,7 +106,7 @@ def pooled_values(rank: int, world: int, n_classes: int, inline: int) -> dict[st
 
 def mismatch(rank: int, world: int, kind: str, inline: int) -> str:
     """Ranks that differ in ``kind``; every rank must raise (returns the message)."""
-    _sync.INLINE = inline
+    _sync.collectives.INLINE = inline
     n_classes = 4 if (kind == "layout" and rank == 1) else 3
     alpha = 0.5 if (kind == "config" and rank == 1) else ALPHA
     metric = EMAWrapper(MulticlassConfusionMatrix(num_classes=n_classes, validate_args=False), alpha=alpha)
@@ -127,7 +127,7 @@ def mismatch(rank: int, world: int, kind: str, inline: int) -> str:
 
 def subgroup(rank: int, world: int, inline: int) -> dict[str, Any]:
     """A group of ranks 0 and 2 out of 3: pooled over those two only (rank 1 does not take part)."""
-    _sync.INLINE = inline
+    _sync.collectives.INLINE = inline
     group = dist.new_group([0, 2])
     metric = EMAMetric(alpha=ALPHA, process_group=group)
     data = rank_data(rank, 3)
@@ -144,7 +144,7 @@ def long_empty_run(rank: int, world: int, alpha: float, empty: int, inline: int,
     With ``silent``, rank 1 never sees data (weight 0 throughout): its states stay empty while rank 0's are
     renormalized, so the pool must align to rank 0's exponent, not to rank 1's.
     """
-    _sync.INLINE = inline
+    _sync.collectives.INLINE = inline
     metric = EMAMetric(alpha=alpha)
     for tick in rank_data(rank, 3):
         weight = tick["weight"] * (0.0 if silent and rank == 1 else 1.0)
@@ -265,7 +265,7 @@ def bytes_per_sync(rank: int, world: int) -> dict[str, Any]:
 
 def too_many(rank: int, world: int, inline: int) -> list[str]:
     """Two metrics whose checks do not fit a sync of ``inline`` values: every rank must raise (the messages)."""
-    _sync.INLINE = inline
+    _sync.collectives.INLINE = inline
     metrics = [EMAMetric(alpha=ALPHA), EMAMetric(alpha=ALPHA)]
     for m in metrics:
         m.update(float(rank))

@@ -1,8 +1,9 @@
 """The one sync mechanism, at 2 and 3 gloo processes, on both of its paths, against float64 pooled oracles.
 
 Small states travel inside the one fixed-size ``all_reduce`` of a sync, with their checks; larger ones are summed by a
-second ``all_reduce``. The path is chosen by the size of the first collective (``_sync.INLINE``), which the workers
-set: the same metrics go through both paths here. Each oracle is a float64 numpy loop over the data of every rank.
+second ``all_reduce``. The path is chosen by the size of the first collective (``_sync.collectives.INLINE``), which
+the workers set: the same metrics go through both paths here. Each oracle is a float64 numpy loop over the data of
+every rank.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def test_merge_state_pools_like_a_sync_and_refuses_what_is_ill_defined() -> None
         metrics[0].merge_state(EMAMetric(alpha=0.4, adjust=False))
     with pytest.raises(TypeError, match="`incoming_state` to be an EMA metric"):
         metrics[0].merge_state(torch.nn.Linear(1, 1))  # type: ignore[arg-type]
-    assert _sync.INLINE == SMALL
+    assert _sync.collectives.INLINE == SMALL
 
 
 def _own_emas(rank: int) -> tuple[float, float]:
@@ -243,10 +244,10 @@ def test_a_cpu_metric_under_nccl_is_pooled_through_a_buffer_on_the_current_cuda_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # NCCL takes CUDA tensors only; the plain quick start leaves the metric on the CPU (the GPU check pools one)
-    monkeypatch.setattr(_sync, "ready", lambda group=None: True)
+    monkeypatch.setattr(_sync.collectives, "ready", lambda group=None: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     backend = {"name": "nccl"}
-    monkeypatch.setattr(_sync.dist, "get_backend", lambda group=None: backend["name"])
+    monkeypatch.setattr(_sync.collectives.dist, "get_backend", lambda group=None: backend["name"])
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
     assert _sync.comm_device(None, cpu) == torch.device("cuda", 3)
     assert _sync.comm_device(None, gpu) == gpu
@@ -266,7 +267,7 @@ def test_the_bytes_of_a_sync_do_not_grow_with_the_number_of_ranks() -> None:
         assert all(r == ranks[0] for r in ranks), f"{world} ranks: {ranks}"
     first = per_world[2][0]
     assert all(ranks[0] == first for ranks in per_world.values()), per_world
-    buffer = 2 * _sync.INLINE * 8  # sent and received
+    buffer = 2 * _sync.collectives.INLINE * 8  # sent and received
     assert first["synced_values"] == (buffer, ["all_reduce"])
     assert first["compute"] == (buffer, ["all_reduce"])
     large = buffer + 2 * (40 * 40 + 1) * 8  # the checks, then the states (the counts of dropped updates included)
@@ -307,7 +308,7 @@ def test_every_rank_reads_the_same_verdict_from_the_reduced_checks(ranks: list[A
     # same verdict (else one would go on to pool while another gathers to name the difference: a hang)
     local = [_sync.reduce_vector(states, r) for r, states in enumerate(ranks)]
     sums = torch.stack([v.vector for v in local]).sum(dim=0).tolist()
-    verdicts = [_sync._agree(sums, v.checks, len(ranks)) for v in local]
+    verdicts = [_sync.reduced._agree(sums, v.checks, len(ranks)) for v in local]
     assert verdicts == [alike] * len(ranks)
 
 
@@ -316,19 +317,20 @@ def test_every_rank_reads_the_same_verdict_from_the_reduced_checks(ranks: list[A
 def test_the_verdict_is_exact_at_the_extremes_of_chunks_and_ranks(ranks: int, chunk: int) -> None:
     # The largest chunks at the most ranks (the float and the integer comparisons both): one rank sending a chunk one
     # below the others must be told apart from every rank sending the same, at every check position
-    checks = _sync.HEAD_CHUNKS + _sync.TICK_CHUNKS
+    checks = _sync.reduced.HEAD_CHUNKS + _sync.reduced.TICK_CHUNKS
     for position in range(checks):
         for odd in (None, chunk - 1):
             sent = [chunk] * ranks if odd is None else [chunk] * (ranks - 1) + [odd]
             # the layout: the head's chunks then their squares, the metrics' chunks then theirs
-            head, rest = _sync.HEAD_CHUNKS, _sync.TICK_CHUNKS
+            head, rest = _sync.reduced.HEAD_CHUNKS, _sync.reduced.TICK_CHUNKS
             alike, squares = float(chunk * ranks), float(chunk * chunk * ranks)
             sums = [alike] * head + [squares] * head + [alike] * rest + [squares] * rest
             at, square_at = (position, head + position) if position < head else (head + position, checks + position)
             sums[at], sums[square_at] = float(sum(sent)), float(sum(c * c for c in sent))
             # both sums exact in float64 (the premise of the check)
-            assert sums[at] == sum(sent) and sums[square_at] == sum(c * c for c in sent)
-            assert _sync._agree(sums, checks, ranks) is (odd is None), (position, odd)
+            assert sums[at] == sum(sent)
+            assert sums[square_at] == sum(c * c for c in sent)
+            assert _sync.reduced._agree(sums, checks, ranks) is (odd is None), (position, odd)
 
 
 def test_the_layout_of_a_sync_is_built_once_and_rebuilt_when_it_changes() -> None:
@@ -342,10 +344,12 @@ def test_the_layout_of_a_sync_is_built_once_and_rebuilt_when_it_changes() -> Non
     other = EMAMetric(alpha=0.5)  # another configuration: another fingerprint in the head
     other.update(1.0)
     changed = _sync.reduce_vector([metrics[0].sync_state(), other.sync_state()], 0).plan
-    assert changed is not first and changed.head != first.head
+    assert changed is not first
+    assert changed.head != first.head
     # the same metrics and the same vector from a fresh layout: the cache changes nothing but the time
-    _sync._PLANS.clear()
+    _sync.reduced._PLANS.clear()
     states = [m.sync_state() for m in metrics]
     fresh = _sync.reduce_vector(states, 0)
-    assert fresh.plan is not first and fresh.plan.head == first.head
+    assert fresh.plan is not first
+    assert fresh.plan.head == first.head
     assert torch.equal(fresh.vector, _sync.reduce_vector(states, 0).vector)
