@@ -8,6 +8,7 @@ public faces. A module may import only from its own layer or the layers below it
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,18 @@ def test_the_checks_find_what_they_look_for() -> None:
     ]
     assert _upward(planted, "ema_metrics._sync") == ["ema_metrics._base"]
     assert _upward(planted, "ema_metrics._base") == []
+
+
+def test_sync_settings_are_set_where_the_protocols_read_them() -> None:
+    # Setting INLINE on the package would only add an attribute that no protocol reads: a silent no-op. Settings
+    # live in (and are set on) `_sync.collectives`.
+    root = PACKAGE.parents[1]
+    stale = re.compile(r"\b_sync\.(INLINE|FORCE_COLLECTIVES)\s*=")
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("src", "tests", "benchmarks", "examples")
+        for path in (root / folder).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if stale.search(line)
+    ]
+    assert offenders == [], "set ema_metrics._sync.collectives.INLINE (or FORCE_COLLECTIVES) instead"
