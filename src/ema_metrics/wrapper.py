@@ -21,7 +21,13 @@ from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics.utilities import decay
 from ema_metrics.utilities.inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
-from ema_metrics.utilities.nonfinite import all_finite, any_nonfinite, check_states_finite, report_dropped
+from ema_metrics.utilities.nonfinite import (
+    all_finite,
+    any_nonfinite,
+    check_states_finite,
+    keep_or_zero_,
+    report_dropped,
+)
 
 __all__ = ["EMAWrapper"]
 
@@ -244,15 +250,15 @@ class EMAWrapper(DecayedSumMetric):
             if all(new.shape == buf.shape for new, buf in replaced):
                 for new, buf in replaced:
                     buf.copy_(new)
-                dropped = all_finite(flat).logical_not_()
-                flat.masked_fill_(dropped, 0)
+                keep = all_finite(flat).to(_F64)
+                keep_or_zero_(flat, keep)
                 sums = {name: scratch[name] for name in d["_names"]}
             else:  # a state of another shape: checked one by one
-                dropped = any_nonfinite(bd[name] for name in d["_names"])
-                sums = {name: bd[name].masked_fill(dropped, 0) for name in d["_names"]}
+                keep = any_nonfinite(bd[name] for name in d["_names"]).logical_not_().to(_F64)
+                sums = {name: keep_or_zero_(bd[name].to(_F64, copy=True), keep) for name in d["_names"]}
             for name, target in d["_names"].items():
                 self._decay_add_(target, sums[name], decay)
-            self._decay_add_(_DROPPED, dropped.to(_F64), decay)
+            self._decay_add_(_DROPPED, 1.0 - keep, decay)
         else:
             for name, target in d["_names"].items():
                 self._decay_add_(target, bd[name], decay)
