@@ -183,7 +183,7 @@ def test_nan_strategy_argument(nan_strategy: Any, exc: type[Exception], pattern:
 
 
 class VectorSum(Metric):
-    """Sums vectors entry by entry (and counts them), in place or into new tensors: a large state of any values."""
+    """Sums vectors entry by entry and counts them (an integer), in place or into new tensors: a large float state."""
 
     full_state_update = False
 
@@ -191,7 +191,7 @@ class VectorSum(Metric):
         super().__init__()
         self.replace = replace
         self.add_state("total", torch.zeros(size, dtype=F64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=F64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, x: torch.Tensor) -> None:
         if self.replace:
@@ -208,7 +208,8 @@ class VectorSum(Metric):
 @pytest.mark.parametrize("replace", [False, True], ids=["in place", "new tensors"])
 def test_every_kind_of_non_finite_entry_drops_the_whole_update(replace: bool) -> None:
     # NaN, +inf and -inf, alone or together, anywhere in a large state: each such update leaves the decayed sums
-    # exactly as an empty tick would, and the others are added whole (a float64 loop as the reference).
+    # (the integer count too) exactly as an empty tick would, and the others are added whole (a float64 loop as the
+    # reference).
     rng = np.random.default_rng(3)
     size, alpha = 5000, 0.2
     poisons = {3: [(7, math.nan)], 5: [(0, math.inf)], 6: [(size - 1, -math.inf)], 9: [(10, math.inf), (11, -math.inf)]}
@@ -261,4 +262,53 @@ def test_sums_of_another_shape_are_checked_and_dropped_too() -> None:
             total, count = total + math.fsum(batch), count + len(batch)
     assert int(wrapper.nonfinite_updates) == 3
     with pytest.warns(UserWarning, match=r"3 update\(s\)"):
+        assert float(wrapper.compute()) == pytest.approx(total / count, rel=1e-12)
+
+
+class WeightedCount(Metric):
+    """An integer count, but a float sum there when the update is weighted (as in the plain metric)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=F64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        self.total += x.sum() if weight is None else (x * weight).sum()
+        self.count = self.count + (x.numel() if weight is None else weight.sum())
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+@pytest.mark.parametrize("nan_strategy", ["warn", "disable"])
+def test_integer_counts_and_float_sums_put_in_their_place(nan_strategy: str) -> None:
+    # The count stays an integer in unweighted updates and becomes a float sum in weighted ones; either way the
+    # decayed states follow a float64 loop, and a dropped update leaves out its count too.
+    alpha, drop = 0.25, nan_strategy != "disable"
+    batches: list[tuple[list[float], list[float] | None]] = [
+        ([1.0, 2.0, 4.0], None),
+        ([3.0, 1.0], [0.5, 2.5]),
+        ([math.nan if drop else 5.0, 1.0], None),
+        ([2.0], [math.inf if drop else 1.5]),
+        ([0.5, 0.25], None),
+        ([6.0, 1.0], [1.0, 0.25]),
+    ]
+    wrapper = EMAWrapper(WeightedCount(), alpha=alpha, nan_strategy=nan_strategy)
+    total = count = 0.0
+    for x, w in batches:
+        weight = None if w is None else torch.tensor(w, dtype=F64)
+        wrapper.update(torch.tensor(x, dtype=F64), weight)
+        weights = [1.0] * len(x) if w is None else w
+        total, count = (1 - alpha) * total, (1 - alpha) * count
+        if all(math.isfinite(v) for v in x + weights):
+            total += math.fsum(a * b for a, b in zip(x, weights, strict=True))
+            count += math.fsum(weights)
+    assert int(wrapper.nonfinite_updates) == (2 if drop else 0)
+    assert float(wrapper.decayed_total) == pytest.approx(total, rel=1e-14)
+    assert float(wrapper.decayed_count) == pytest.approx(count, rel=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         assert float(wrapper.compute()) == pytest.approx(total / count, rel=1e-12)
