@@ -25,10 +25,25 @@ Time is the median over repeats of the slowest rank (a barrier before each). Pea
 process's peak resident memory (``ru_maxrss``) during the first sync over its resident memory just before it, so it
 includes gloo's own buffers; it is only meaningful from about 1 MB on (page and allocator granularity).
 
+**The whole step** (the third table): one training step of a large state, as a run with ``EMAWrapper`` makes it:
+a tick of ``EMAWrapper(MulticlassConfusionMatrix(num_classes=1000, validate_args=False))`` (``S = 1e6`` float64
+values, 8 MB) and a synced ``compute``. In the same gloo processes, interleaved call by call (a barrier before each),
+on the same pre-generated batches of 64 labels:
+
+- ``ema``: ``update(preds, target)`` then ``compute()``, synced as it is by default under a process group (checked:
+  the value is the sum over the ranks of their local states);
+- ``bare``: the cheapest step any design that pools every step can make: ``state.mul_(0.9)``, ``add_`` of the
+  batch's ``torch.bincount`` into the float64 state, and ``torch.distributed.all_reduce`` of a fresh copy of it;
+- ``plain``: ``MulticlassConfusionMatrix(1000)`` itself, ``update`` then its synced ``compute`` (for reference).
+
+Each round starts fresh processes; the table gives, per number of processes, the median over rounds of the slowest
+rank's median time, and ``ema/bare`` with its range over the rounds.
+
 Run:
-    python benchmarks/bench_sync.py            # 2 and 4 processes, S from 4 to ~1e6 (about 4 minutes on 2 cores)
-    python benchmarks/bench_sync.py --quick    # 2 processes, fewer sizes and repeats
+    python benchmarks/bench_sync.py            # all three tables at 2 and 4 processes (about 6 minutes on 2 cores)
+    python benchmarks/bench_sync.py --quick    # 2 processes, fewer sizes, rounds and repeats
     python benchmarks/bench_sync.py --small    # only the per-step table
+    python benchmarks/bench_sync.py --step     # only the whole-step table (about 1.5 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -52,6 +67,9 @@ from ema_metrics._sync import collectives
 
 PATHS = ("gather", "reduce", "bare", "default")
 SMALL_PATHS = ("sync", "bare", "gather")
+STEP_PATHS = ("ema", "bare", "plain")
+STEP_CLASSES = 1000
+STEP_BATCH = 64
 
 
 def _rss_bytes() -> int:
@@ -121,6 +139,59 @@ def _small_worker(rank: int, world: int, port: int, repeats: int, out: str) -> N
     dist.destroy_process_group()
 
 
+def _step_worker(rank: int, world: int, port: int, repeats: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    c = STEP_CLASSES
+    g = torch.Generator().manual_seed(rank)
+    batches = [
+        (torch.randint(0, c, (STEP_BATCH,), generator=g), torch.randint(0, c, (STEP_BATCH,), generator=g))
+        for _ in range(8)
+    ]
+    ema = EMAWrapper(MulticlassConfusionMatrix(num_classes=c, validate_args=False), alpha=0.1)
+    plain = MulticlassConfusionMatrix(num_classes=c, validate_args=False)
+    state = torch.zeros(c * c, dtype=torch.float64)
+
+    def ema_step(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ema.update(preds, target)
+        return ema.compute()
+
+    def bare_step(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        state.mul_(0.9)
+        state.add_(torch.bincount(target * c + preds, minlength=c * c))
+        pooled = state.clone()
+        dist.all_reduce(pooled)
+        return pooled
+
+    def plain_step(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        plain.update(preds, target)
+        return plain.compute()
+
+    calls = {"ema": ema_step, "bare": bare_step, "plain": plain_step}
+    # every value pools: it is the sum over the ranks of the local states (and differs from this rank's own)
+    local = {"ema": lambda: ema.decayed_confmat, "bare": lambda: state, "plain": lambda: plain.confmat}
+    for path, call in calls.items():
+        value = call(*batches[0]).reshape(-1).to(torch.float64)
+        mine = local[path]().reshape(-1).to(torch.float64)
+        summed = mine.clone()
+        dist.all_reduce(summed)
+        assert torch.allclose(value, summed, rtol=1e-12, atol=0), f"{path}: the value is not the pooled state"
+        assert world == 1 or not torch.equal(value, mine), f"{path}: the value is this rank's own state"
+    times: dict[str, list[float]] = {p: [] for p in STEP_PATHS}
+    for i in range(repeats + 3):  # the first 3 warm up
+        preds, target = batches[i % len(batches)]
+        for path in STEP_PATHS:
+            dist.barrier()
+            start = time.perf_counter()
+            calls[path](preds, target)
+            if i >= 3:
+                times[path].append(time.perf_counter() - start)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({p: statistics.median(t) for p, t in times.items()}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 
@@ -163,6 +234,43 @@ def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     )
 
 
+def run_step(world: int, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_step_worker, args=(world, _free_port(), repeats, out), nprocs=world, join=True)
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    return {p: max(r[p] for r in ranks) for p in STEP_PATHS}
+
+
+def step_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
+    header = (
+        f"{'procs':>5} | {'ema ms':>7} {'bare ms':>7} {'plain ms':>8} | {'ema/bare':>8} {'range':>11}"
+        f" | {'plain/bare':>10}"
+    )
+    size = STEP_CLASSES * STEP_CLASSES
+    print(
+        f"Whole step: EMAWrapper(MulticlassConfusionMatrix({STEP_CLASSES})) update + synced compute, S = {size}"
+        f" float64 ({size * 8 / 2**20:.1f} MiB),\nbatches of {STEP_BATCH} labels ({rounds} rounds of {repeats}"
+        " interleaved calls; medians over rounds of the slowest rank)"
+    )
+    print(header)
+    print("-" * len(header))
+    for world in worlds:
+        res = [run_step(world, repeats) for _ in range(rounds)]
+        med = {p: statistics.median(r[p] for r in res) for p in STEP_PATHS}
+        to_bare = [r["ema"] / r["bare"] for r in res]
+        plain_bare = [r["plain"] / r["bare"] for r in res]
+        print(
+            f"{world:5d} | {1e3 * med['ema']:7.2f} {1e3 * med['bare']:7.2f} {1e3 * med['plain']:8.2f}"
+            f" | {statistics.median(to_bare):8.2f} {min(to_bare):5.2f}-{max(to_bare):<5.2f}"
+            f" | {statistics.median(plain_bare):10.2f}",
+            flush=True,
+        )
+    print(
+        "Target: ema/bare <= 2. `bare` decays the state (mul_), adds the batch's bincount and all-reduces a fresh copy"
+        " of it:\nthe floor of any design that pools the state every step.\n"
+    )
+
+
 def run_case(world: int, classes: int, path: str, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(world, _free_port(), classes, path, repeats, out), nprocs=world, join=True)
@@ -175,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--large", action="store_true", help="only S from 1e4 on")
     parser.add_argument("--small", action="store_true", help="only the per-step table")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the per-step table (default 5, quick 2)")
+    parser.add_argument("--step", action="store_true", help="only the whole-step table")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the per-step and whole-step tables (default 5, 3; quick 2)"
+    )
     args = parser.parse_args(argv)
     worlds = (2,) if args.quick else (2, 4)
     classes = (2, 8, 32, 100, 316, 1000) if not args.quick else (2, 32, 316)
@@ -186,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, gloo on CPU ({os.cpu_count()} CPUs), threshold INLINE = {collectives.INLINE}"
         f" float64 values per rank in the first collective\n"
     )
+    step_args = (worlds, args.rounds or (2 if args.quick else 3), 10 if args.quick else 20)
+    if args.step:
+        step_table(*step_args)
+        return 0
     if not args.large:
         small_table(worlds, args.rounds or (2 if args.quick else 5), 100 if args.quick else 300)
     if args.small:
@@ -215,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         " of S.\nCost per sync: `gather` moves and holds world_size * S values on every rank (64 ranks x 8 MB = 512"
         " MB,\n1024 ranks = 8 GB); `reduce` holds about 2 * S (a ring all_reduce moves about 2 * S per rank) plus the"
         f" checks'\nall_reduce of {collectives.INLINE} * 8 bytes ({collectives.INLINE * 8 // 1024} KiB), whatever"
-        " the number of ranks."
+        " the number of ranks.\n"
     )
+    if not args.large:
+        step_table(*step_args)
     return 0
 
 

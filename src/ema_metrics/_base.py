@@ -10,6 +10,7 @@ only. This class holds, in order: the tick API and the decayed states with their
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,7 +21,9 @@ import torch
 from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import _squeeze_if_scalar
 from torchmetrics.utilities.distributed import gather_all_tensors
+from torchmetrics.utilities.prints import rank_zero_warn
 
 from ema_metrics import _sync
 from ema_metrics._fast import FastCalls, compiling, run_eagerly
@@ -38,6 +41,11 @@ _EXTRA_STATE_FORMAT = 2
 
 def _follow_device(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device=device)
+
+
+def _storage(x: Tensor) -> int:
+    """Where the memory of ``x`` starts (shared by its views)."""
+    return int(x.untyped_storage().data_ptr())
 
 
 def capturing(device: torch.device) -> bool:
@@ -137,11 +145,20 @@ class DecayedSumMetric(FastCalls):
             self._all_decayed.add(name)
 
     def _factor(self, name: str, factor: float) -> Tensor:
-        """Per-entry multiplier: ``factor`` on decayed entries, 1 elsewhere (cached per device)."""
+        """The multiplier of a tick: ``factor`` on decayed entries, 1 elsewhere (cached per device).
+
+        A 0-d tensor for a state whose every entry decays: the fused decay-add then reads the state and the increment,
+        not a third tensor of the state's size as well (an 8 MB state: 0.27 ms against 0.51 ms on one CPU core, the
+        same result to the bit).
+        """
         state = getattr(self, name)
         key = (name, factor)
         cached = self._factor_cache.get(key)
         if cached is None or cached.device != state.device:
+            if name in self._all_decayed:  # a fill kernel: no copy of host data
+                cached = torch.full((), factor, dtype=state.dtype, device=state.device)
+                self._factor_cache[key] = cached
+                return cached
             mask = self._decay_masks[name].to(state.device)
             # masked_fill_ writes the Python float in the state's dtype; torch.where(mask, factor, 1.0) would
             # round `factor` to float32 (the default dtype) first.
@@ -568,6 +585,60 @@ class DecayedSumMetric(FastCalls):
         self._set_bookkeeping(pooled.ticks, replica, pooled.counters)
 
     # ------------------------------------------------------------------ pooling: torchmetrics' sync hooks
+    def _copy_state_dict(self) -> dict[str, Any]:
+        """The states themselves, not copies: what torchmetrics keeps before a sync, to restore them after it.
+
+        torchmetrics clones every state there, in case the sync changed them in place. No sync of an EMA metric does:
+        the pooled states are fresh tensors set in their place, and ``reset`` and ``load_sync_state`` set fresh tensors
+        too, so the local states can be kept as they are. That saves a copy of every state (and, for large ones, an
+        allocation) per synced ``compute``.
+        """
+        return {attr: getattr(self, attr) for attr in self._defaults}
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """The ``compute`` wrapper of torchmetrics (the cached value, the sync and its undoing), with fewer copies.
+
+        torchmetrics 1.9 clones the value inside the sync (1.4 did not), so that an in-place update of the states
+        cannot change it later. A tensor of the value that lives in the pooled states is not copied: they are fresh
+        tensors of this sync, dropped when it is undone (for an 8 MB confusion matrix, an 8 MB copy per synced
+        ``compute``). Every other tensor is cloned, with every supported torchmetrics: a rank-local value never shares
+        the live states.
+        """
+
+        @functools.wraps(compute)
+        def wrapped_func(*args: Any, **kwargs: Any) -> Any:
+            if not self.update_called:
+                rank_zero_warn(
+                    f"The ``compute`` method of metric {self.__class__.__name__}"
+                    " was called before the ``update`` method which may lead to errors,"
+                    " as metric states have not yet been updated.",
+                    UserWarning,
+                )
+            if self._computed is not None:
+                return self._computed
+            with self.sync_context(
+                dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+            ):
+                value = _squeeze_if_scalar(compute(*args, **kwargs))
+                pooled = self._pooled_storages()
+                value = apply_to_collection(value, Tensor, lambda x: x if _storage(x) in pooled else x.clone())
+            if self.compute_with_cache:
+                self._computed = value
+            return value
+
+        return wrapped_func
+
+    def _pooled_storages(self) -> set[int]:
+        """Where the pooled states live while a sync is in place that ``compute`` undoes (else nowhere).
+
+        The local states (which the undoing restores) are left out, should a pooled state ever share their memory.
+        """
+        cache = self._cache
+        if not (self._is_synced and self._should_unsync and cache):
+            return set()
+        local = {_storage(t) for t in cache.values() if isinstance(t, Tensor)}
+        return {_storage(getattr(self, name)) for name in self._state_names()} - local
+
     def _sync_dist(
         self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any | None = None
     ) -> None:

@@ -8,6 +8,7 @@ decayed states, keeps it computing in float64 and shows its properties.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,13 @@ from ema_metrics import _sync
 from ema_metrics._base import DecayedSumMetric
 from ema_metrics.utilities import decay
 from ema_metrics.utilities.inputs import NAN_STRATEGIES, check_nan_strategy, check_update_tensors, shown
-from ema_metrics.utilities.nonfinite import all_finite, any_nonfinite, check_states_finite, report_dropped
+from ema_metrics.utilities.nonfinite import (
+    all_finite,
+    any_nonfinite,
+    check_states_finite,
+    keep_or_zero_,
+    report_dropped,
+)
 
 __all__ = ["EMAWrapper"]
 
@@ -77,8 +84,9 @@ class EMAWrapper(DecayedSumMetric):
     ``state_dict``. The wrapped metric is switched to float64 too, so that aggregators do not round their inputs to
     float32; its own syncing and persistence are turned off: ``compute`` syncs the wrapper's states across ranks with
     a single collective, and :func:`ema_metrics.synced_values` syncs it together with other EMA metrics. The wrapped
-    metric's ``update`` runs on zeroed scratch states, and its result is added to the decayed states only once it
-    returned, so an update that raises (for example on badly shaped input) leaves the state as it was.
+    metric's ``update`` runs on zeroed scratch states (float64, and int64 for the states that count in integers, as
+    they do in the plain metric), and its result is added to the decayed states only once it returned, so an update
+    that raises (for example on badly shaped input) leaves the state as it was.
 
     The wrapper's own work in ``update`` and ``forward`` (its scratch states, the finiteness check, the decay) reads no
     tensor back to the host and copies no host data to the device; the wrapped metric's ``update`` may. Pass
@@ -188,8 +196,11 @@ class EMAWrapper(DecayedSumMetric):
         metric._to_sync = False
         metric.dist_sync_on_step = False
         names: dict[str, str] = {}
+        integers: set[str] = set()
         for name, default in metric._defaults.items():
             assert isinstance(default, Tensor)  # checked by _check_decayable
+            if not default.is_floating_point() and default.dtype != torch.bool:
+                integers.add(name)
             zero = torch.zeros_like(default, dtype=_F64)
             self._add_decayed_state(_PREFIX + name, zero)
             metric._defaults[name] = zero.clone()
@@ -202,8 +213,8 @@ class EMAWrapper(DecayedSumMetric):
         self._warned_nonfinite = 0
         self.base_metric = metric
         self._names = names
-        self._scratch: dict[str, Tensor] | None = None
-        self._flat: Tensor | None = None  # the scratch states, flat (built with them)
+        self._integer_states = frozenset(integers)  # counted in int64 by the wrapped update (see _Scratch)
+        self._scratch: _Scratch | None = None
         self._update_signature = metric._update_signature  # MetricCollection filters kwargs with it
         self._update_names = list(metric._update_signature.parameters)
         if metric.device != self.device:
@@ -230,32 +241,31 @@ class EMAWrapper(DecayedSumMetric):
             scratch = self._build_scratch()
         base = d["_modules"]["base_metric"]
         bd = base.__dict__
-        flat = d["_flat"]
-        flat.zero_()
-        bd.update(scratch)
+        scratch.zero_()
+        bd.update(scratch.states)
         base.update(*args, **kwargs)
         # The update succeeded: decay (once per tick) and add this update's sums, one fused operation per state;
         # unless one of them is not finite: then the whole update is dropped, on the device (the tick still passes,
         # as for an empty one), and counted.
         decay = self._tick_decay()
-        if d["_drop_nonfinite"]:
-            # Sums the wrapped update put in new tensors go back into the flat buffer, to be checked at once.
-            replaced = [(bd[name], buf) for name, buf in scratch.items() if bd[name] is not buf]
-            if all(new.shape == buf.shape for new, buf in replaced):
-                for new, buf in replaced:
-                    buf.copy_(new)
-                dropped = all_finite(flat).logical_not_()
-                flat.masked_fill_(dropped, 0)
-                sums = {name: scratch[name] for name in d["_names"]}
-            else:  # a state of another shape: checked one by one
-                dropped = any_nonfinite(bd[name] for name in d["_names"])
-                sums = {name: bd[name].masked_fill(dropped, 0) for name in d["_names"]}
-            for name, target in d["_names"].items():
-                self._decay_add_(target, sums[name], decay)
-            self._decay_add_(_DROPPED, dropped.to(_F64), decay)
-        else:
-            for name, target in d["_names"].items():
-                self._decay_add_(target, bd[name], decay)
+        drop, names = d["_drop_nonfinite"], d["_names"]
+        replaced = [(bd[name], buf) for name, buf in scratch.states.items() if bd[name] is not buf]
+        keep: Tensor | None = None
+        if not drop and replaced:
+            sums = {name: bd[name] for name in names}
+        elif all(_fits(new, buf) for new, buf in replaced):
+            # Sums the wrapped update put in new tensors go back into the flat buffers, to be checked at once.
+            for new, buf in replaced:
+                buf.copy_(new)
+            keep = scratch.sums_(drop)
+            sums = scratch.sums
+        else:  # a sum of another shape, or a float one for an integer state: checked one by one
+            keep = any_nonfinite(bd[name] for name in names).logical_not_().to(_F64)
+            sums = {name: keep_or_zero_(bd[name].to(_F64, copy=True), keep) for name in names}
+        for name, target in names.items():
+            self._decay_add_(target, sums[name], decay)
+        if keep is not None:
+            self._decay_add_(_DROPPED, 1.0 - keep, decay)
         self._tick_done()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -381,22 +391,18 @@ class EMAWrapper(DecayedSumMetric):
             self._check_nonfinite(wrapped, states[_DROPPED], known)
         return apply_to_collection(self._base_compute(states), Tensor, _squeeze_clone)
 
-    def _build_scratch(self) -> dict[str, Tensor]:
-        """Zeroed float64 states for the wrapped update: views of one flat buffer, zeroed and checked at once."""
+    def _build_scratch(self) -> _Scratch:
+        """The wrapped update's states, on the metric's device (see :class:`_Scratch`)."""
         shapes = {name: getattr(self, target).shape for name, target in self._names.items()}
-        sizes = [math.prod(shape) for shape in shapes.values()]
-        flat = torch.zeros(sum(sizes), dtype=_F64, device=self.device)
-        views = flat.split(sizes)  # type: ignore[no-untyped-call]
-        scratch = {name: view.view(shape) for (name, shape), view in zip(shapes.items(), views, strict=True)}
+        integers = self.__dict__.get("_integer_states", frozenset())  # none in a wrapper pickled before them
+        scratch = _Scratch.build(shapes, integers, self.device)
         self.__dict__["_scratch"] = scratch
-        self.__dict__["_flat"] = flat
         return scratch
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the scratch states: ``torch.multiprocessing`` would share them between processes."""
         state = super().__getstate__()
         state["_scratch"] = None
-        state["_flat"] = None
         return state
 
     def reset(self) -> None:
@@ -418,6 +424,84 @@ class EMAWrapper(DecayedSumMetric):
             base._dtype = _F64
             this.__dict__["_scratch"] = None
         return this
+
+
+@dataclass
+class _Scratch:
+    """The states the wrapped update adds one update's sums to: flat buffers, zeroed, checked and converted at once.
+
+    A state whose default is a float is a float64 view of ``floats``: the wrapped metric sums in float64, so that
+    aggregators do not round their inputs. A state whose default is an integer (a count) is an int64 view of ``ints``,
+    as in the plain metric: the wrapped update adds integers to integers (into a float64 state, torch would first copy
+    every integer increment into a fresh float64 tensor), and its sums are never checked, since integers are finite.
+    They are converted into ``converted`` for the decay-add, a float64 buffer kept from update to update.
+
+    Attributes:
+        states: the wrapped metric's states during its update, by name.
+        sums: the float64 sums of an update, by name: views of ``floats`` and of ``converted``.
+        floats: the float64 states, flat (``None`` if there is none).
+        ints: the integer states, flat (``None`` if there is none).
+        converted: the integer states' sums in float64, flat (``None`` if there is none).
+
+    """
+
+    states: dict[str, Tensor]
+    sums: dict[str, Tensor]
+    floats: Tensor | None
+    ints: Tensor | None
+    converted: Tensor | None
+
+    @staticmethod
+    def build(shapes: dict[str, torch.Size], integers: frozenset[str], device: torch.device) -> _Scratch:
+        """Zeroed buffers for states of these shapes; those named in ``integers`` count in int64."""
+        floats, float_views = _flat_views({n: s for n, s in shapes.items() if n not in integers}, _F64, device)
+        counts = {n: s for n, s in shapes.items() if n in integers}
+        ints, int_views = _flat_views(counts, torch.int64, device)
+        converted, converted_views = _flat_views(counts, _F64, device)
+        states = {n: int_views[n] if n in integers else float_views[n] for n in shapes}
+        sums = {n: converted_views[n] if n in integers else float_views[n] for n in shapes}
+        return _Scratch(states, sums, floats, ints, converted)
+
+    def zero_(self) -> None:
+        """Zero the states before an update (one pass per buffer)."""
+        for flat in (self.floats, self.ints):
+            if flat is not None:
+                flat.zero_()
+
+    def sums_(self, drop: bool) -> Tensor | None:
+        """Fill :attr:`sums` from the states after an update; with ``drop``, check the float ones and drop them all.
+
+        Returns:
+            With ``drop`` and float states: a 0-d float64 tensor, 1 if every float sum is finite (the update is kept),
+            else 0 (every sum, integer ones included, is then zero). Else ``None``: nothing can be dropped.
+
+        """
+        keep = None
+        if drop and self.floats is not None:
+            keep = all_finite(self.floats).to(_F64)
+            keep_or_zero_(self.floats, keep)
+        if self.ints is not None and self.converted is not None:
+            self.converted.copy_(self.ints)  # one conversion kernel, into a kept buffer
+            if keep is not None:
+                self.converted.mul_(keep)  # integers are finite: the product drops them exactly
+        return keep
+
+
+def _flat_views(
+    shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """A zeroed flat buffer for states of these shapes (``None`` if there is none), and a view of it for each."""
+    if not shapes:
+        return None, {}
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+    views = flat.split(sizes)  # type: ignore[no-untyped-call]
+    return flat, {name: view.view(shape) for (name, shape), view in zip(shapes.items(), views, strict=True)}
+
+
+def _fits(new: Tensor, buf: Tensor) -> bool:
+    """Whether a sum the wrapped update put in a new tensor can go back into its buffer as it is."""
+    return new.shape == buf.shape and (buf.is_floating_point() or not (new.is_floating_point() or new.is_complex()))
 
 
 def _squeeze_clone(x: Tensor) -> Tensor:

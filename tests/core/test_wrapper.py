@@ -21,13 +21,14 @@ import torch
 import torchmetrics
 from packaging.version import Version
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.aggregation import CatMetric, MaxMetric, MeanMetric, MinMetric, SumMetric
-from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, PearsonCorrCoef
 
 import ema_metrics
-from ema_metrics import EMAMetric, EMAWrapper, resolve_alpha
+from ema_metrics import EMAMetric, EMAWrapper, _sync, resolve_alpha
 
 NUM_CLASSES = 4
 TOL = 1e-12
@@ -600,3 +601,65 @@ def test_update_and_forward_make_no_host_sync(kind_name: str, monkeypatch: pytes
             wrapper(*a)
     ticks_seen = [ticks[0], ticks[1], [ticks[2][0], ticks[3][0]], [], ticks[4], ticks[5]]
     assert_close(wrapper.compute(), oracle_values(kind, ticks_seen, 0.5, adjust=False)[-1])
+
+
+class _Clones(TorchFunctionMode):
+    """Records the shape of every tensor cloned while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is Tensor.clone:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("classes", [5, 40], ids=["states in the first collective", "states summed apart"])
+def test_synced_compute_copies_neither_the_states_nor_the_value(classes: int) -> None:
+    # Two ranks in one process: rank 0 syncs through a gather that returns rank 1's parts. The reference is a float64
+    # loop over each rank's confusion matrices, decayed and summed.
+    alpha, rng = 0.3, np.random.default_rng(8)
+    rank1 = EMAWrapper(MulticlassConfusionMatrix(num_classes=classes), alpha=alpha)
+
+    def gather(packed: Tensor, group: Any = None) -> list[Tensor]:
+        theirs = (
+            _sync.local_vector([rank1]).vector if packed.numel() == _sync.INLINE else _sync.flat(rank1.sync_state())
+        )
+        return [packed, theirs]
+
+    rank0 = EMAWrapper(
+        MulticlassConfusionMatrix(num_classes=classes),
+        alpha=alpha,
+        dist_sync_fn=gather,
+        distributed_available_fn=lambda: True,
+    )
+    alone = EMAWrapper(MulticlassConfusionMatrix(num_classes=classes), alpha=alpha)  # never synced
+    pooled, own = np.zeros((classes, classes)), np.zeros((classes, classes))
+    for _ in range(6):
+        pooled, own = (1 - alpha) * pooled, (1 - alpha) * own
+        for metric in (rank0, rank1):
+            preds, target = rng.integers(0, classes, 50), rng.integers(0, classes, 50)
+            metric.update(torch.from_numpy(preds), torch.from_numpy(target))
+            counts = np.zeros((classes, classes))
+            np.add.at(counts, (target, preds), 1.0)
+            pooled += counts
+            if metric is rank0:
+                alone.update(torch.from_numpy(preds), torch.from_numpy(target))
+                own += counts
+    local = rank0.decayed_confmat
+    with _Clones() as clones:
+        value = rank0.compute()
+    np.testing.assert_allclose(value.numpy(), pooled, rtol=TOL)
+    assert rank0.decayed_confmat is local  # the local states come back as they were, not as copies
+    np.testing.assert_allclose(local.numpy(), own, rtol=TOL)
+    assert (classes, classes) not in clones.shapes  # nor is the pooled value copied
+    with _Clones() as clones:
+        own_value = alone.compute()
+    assert (classes, classes) in clones.shapes  # a rank-local value is a copy
+    kept, own_kept = value.clone(), own_value.clone()
+    for metric in (rank0, alone):
+        metric.update(torch.tensor([0, 1]), torch.tensor([1, 1]))
+    assert torch.equal(value, kept)
+    assert torch.equal(own_value, own_kept)

