@@ -104,7 +104,6 @@ class DecayedSumMetric(FastCalls):
         self._never_decayed: set[str] = set()
         self._all_decayed: set[str] = set()  # states whose every entry decays: no mask needed
         self._count_positions: tuple[int, ...] = ()  # flat positions of the never-decayed entries (counts)
-        self._count_index = torch.zeros(0, dtype=torch.long)  # the same, on the states' device
         self._factor_cache: dict[tuple[str, float], Tensor] = {}
         self._renorm_every = decay.renorm_interval(self.beta)
         self._decay = decay.factor(self.beta)  # what the stored states decay by (see decay.factor)
@@ -138,7 +137,6 @@ class DecayedSumMetric(FastCalls):
         self._decay_masks[name] = mask
         counts = [offset + i for i, decays in enumerate(mask.reshape(-1).tolist()) if not decays]
         self._count_positions = (*self._count_positions, *counts)
-        self._count_index = torch.tensor(self._count_positions, dtype=torch.long)
         if not bool(mask.any()):  # a counter: synced, saved and packed with the states, but never scaled
             self._never_decayed.add(name)
         if bool(mask.all()):
@@ -430,7 +428,6 @@ class DecayedSumMetric(FastCalls):
                     this._defaults[name] = default.to(device=this.device)
             # the decay masks follow the states, so that no later tick copies them from the host
             this._decay_masks = {n: m.to(this.device) for n, m in this._decay_masks.items()}
-            this._count_index = this._count_index.to(this.device)
             this._factor_cache.clear()
         return this
 
@@ -567,7 +564,6 @@ class DecayedSumMetric(FastCalls):
             replica=self._replica,
             counters=self._extra_counters(),
             count_positions=self._count_positions,
-            count_index=self._count_index,
         )
 
     def load_sync_state(self, pooled: _sync.Pooled, replica: bool) -> None:

@@ -625,7 +625,9 @@ def test_synced_compute_copies_neither_the_states_nor_the_value(classes: int) ->
 
     def gather(packed: Tensor, group: Any = None) -> list[Tensor]:
         theirs = (
-            _sync.local_vector([rank1]).vector if packed.numel() == _sync.INLINE else _sync.flat(rank1.sync_state())
+            _sync.local_vector([rank1]).vector
+            if packed.numel() == _sync.collectives.INLINE
+            else _sync.flat(rank1.sync_state())
         )
         return [packed, theirs]
 

@@ -7,8 +7,10 @@ state layout, as a 48-bit hash exact in float64), its states as one flat float64
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,7 +50,6 @@ class SyncState:
         replica: whether the states are the pooled state of all ranks, identical on each (counted once).
         counters: Python-side counters, summed across ranks.
         count_positions: where the never-decayed entries (counts kept in the states) are in the flattened states.
-        count_index: the same positions as a tensor on the states' device.
 
     """
 
@@ -61,7 +62,6 @@ class SyncState:
     replica: bool
     counters: dict[str, int]
     count_positions: tuple[int, ...] = ()
-    count_index: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -167,6 +167,27 @@ def probe(s: SyncState) -> Tensor:
     """
     values = [t.reshape(-1).to(_F64) for t in s.states.values()]
     peak = decay.peak_magnitude(values, [None] * len(values)).reshape(1)  # every entry, counts included
-    if not s.count_positions or s.count_index is None:
+    if not s.count_positions:
         return peak
-    return torch.cat([peak, torch.cat(values)[s.count_index]])
+    # the counts as views of their states (no copy of a large state to read a few entries)
+    return torch.cat([peak, *(values[i][a:b] for i, a, b in _runs(s.count_positions, [v.numel() for v in values]))])
+
+
+def _runs(positions: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``positions`` in states of ``sizes`` flattened together, as runs ``(state, start, stop)``, in their order.
+
+    Example:
+        >>> _runs([4, 5, 1, 6], [2, 3, 2])  # last of the 2nd state, 1st of the 3rd, last of the 1st, last of the 3rd
+        [(1, 2, 3), (2, 0, 1), (0, 1, 2), (2, 1, 2)]
+
+    """
+    ends = list(itertools.accumulate(sizes))
+    runs: list[tuple[int, int, int]] = []
+    for p in positions:
+        i = bisect.bisect_right(ends, p)
+        local = p - (ends[i - 1] if i else 0)
+        if runs and runs[-1][0] == i and runs[-1][2] == local:
+            runs[-1] = (i, runs[-1][1], local + 1)
+        else:
+            runs.append((i, local, local + 1))
+    return runs
