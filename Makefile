@@ -3,6 +3,8 @@
 # --no-compile: Python compiles what the suite imports anyway; compiling everything at install time costs CI time.
 # `make test` also creates .venv-floor, where torchmetrics, lightning and pytorch-lightning are pinned to the floors
 # declared in pyproject.toml (`python tests/supported_versions.py pins`), and runs the suite there too.
+# .venv-floor has no trl (FLOOR_EXTRAS leaves out the `trl` extra): trl 1.16 needs a newer transformers than its
+# floor. It is cleared whenever it is rebuilt, so that nothing installed by an earlier resolution stays in it.
 PYTHON ?= python3
 VENV ?= .venv
 FLOOR_VENV ?= .venv-floor
@@ -11,7 +13,8 @@ BIN := $(VENV)/bin
 FLOOR_BIN := $(FLOOR_VENV)/bin
 STAMP := $(VENV)/.installed
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
-EXTRAS := lightning,pytorch-lightning,test,demo
+FLOOR_EXTRAS := lightning,pytorch-lightning,test,demo
+EXTRAS := $(FLOOR_EXTRAS),trl
 
 .PHONY: demo test test-newest test-floor lint bench gpu-check clean
 
@@ -23,11 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 $(FLOOR_STAMP): pyproject.toml Makefile tests/supported_versions.py | $(STAMP)
-	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) -m venv --clear $(FLOOR_VENV)
 	$(FLOOR_BIN)/python -m pip install --quiet --no-compile --upgrade pip
 	$(FLOOR_BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
 	pins="$$($(BIN)/python tests/supported_versions.py pins)" && \
-	  $(FLOOR_BIN)/python -m pip install --quiet --no-compile -e ".[$(EXTRAS)]" $$pins
+	  $(FLOOR_BIN)/python -m pip install --quiet --no-compile -e ".[$(FLOOR_EXTRAS)]" $$pins
 	touch $(FLOOR_STAMP)
 
 demo: $(STAMP)
