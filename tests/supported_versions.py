@@ -1,7 +1,8 @@
 """The README's "Supported versions" table, the ranges ``pyproject.toml`` declares, and the floor pins, in one place.
 
 ``make test`` runs the suite in two environments: one with the newest releases and one with ``torchmetrics``,
-``lightning`` and ``pytorch-lightning`` pinned to the floors declared in ``pyproject.toml``. It gets those pins from
+``lightning``, ``pytorch-lightning`` and ``transformers`` pinned to the floors declared in ``pyproject.toml`` (and
+without ``trl``, which needs a newer ``transformers``). It gets those pins from
 ``python tests/supported_versions.py pins``, and tells the suite which environment it is in with
 ``EMA_METRICS_TESTED_ENV`` (``floor`` or ``newest``); ``tests/test_supported_versions.py`` then checks the README
 table against both.
@@ -23,9 +24,14 @@ else:  # pragma: no cover - Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "EMA_METRICS_TESTED_ENV"
-ROWS = ("python", "torch", "torchmetrics", "lightning", "pytorch-lightning")
-PINNED = ("torchmetrics", "lightning", "pytorch-lightning")  # pinned to their floors in the floor environment
+ROWS = ("python", "torch", "torchmetrics", "lightning", "pytorch-lightning", "transformers", "trl")
+PINNED = ("torchmetrics", "lightning", "pytorch-lightning", "transformers")  # at their floors in the floor environment
 COLUMNS = ("declared", "tested floor", "tested newest", "CI floor env", "CI newest env")
+ENVS = ("floor", "newest")
+# Packages that a CI environment does not install, and that its column marks with NOT_INSTALLED: trl 1.16 needs
+# transformers 4.56.2 or later, so it cannot join the transformers floor.
+ABSENT = {"floor": ("trl",), "newest": ()}
+NOT_INSTALLED = "—"
 
 
 def declared() -> dict[str, str]:

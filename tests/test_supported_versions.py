@@ -1,7 +1,8 @@
 """The README's "Supported versions" table says what ``pyproject.toml`` declares and what CI ran.
 
 ``make test`` runs the suite twice and sets ``EMA_METRICS_TESTED_ENV`` to ``newest`` or ``floor``; in each run the
-table's column for that environment must name the versions actually installed, so the table cannot drift from CI.
+table's column for that environment must name the versions actually installed, or say that a package is not installed
+there when it is not, so the table cannot drift from CI.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ import pytest
 import torch
 from packaging.version import Version
 
-from tests.supported_versions import ENV_VAR, PINNED, ROWS, declared, floor, floor_pins, readme_table
+from tests.supported_versions import (
+    ABSENT,
+    ENV_VAR,
+    ENVS,
+    NOT_INSTALLED,
+    PINNED,
+    ROWS,
+    declared,
+    floor,
+    floor_pins,
+    readme_table,
+)
 
 TABLE = readme_table()
 DECLARED = declared()
@@ -44,6 +56,21 @@ def test_floor_pins_are_the_declared_floors() -> None:
     assert floor_pins() == [f"{name}=={TABLE[name]['tested floor']}" for name in PINNED]
 
 
+@pytest.mark.parametrize("env", ENVS)
+def test_only_the_packages_absent_from_an_environment_are_marked_not_installed(env: str) -> None:
+    column = f"CI {env} env"
+    assert tuple(row for row in ROWS if TABLE[row][column] == NOT_INSTALLED) == ABSENT[env]
+
+
+@pytest.mark.parametrize("row", ABSENT["floor"])
+def test_the_floor_of_a_package_absent_from_the_floor_env_is_what_the_newest_env_runs(row: str) -> None:
+    cells = TABLE[row]
+    assert cells["CI newest env"] == cells["tested floor"], (
+        f"{row} is not in the floor environment, so CI tests its declared floor only while the newest environment runs"
+        f" it: the newest run has {cells['CI newest env']}, the floor is {cells['tested floor']}"
+    )
+
+
 def _installed(row: str) -> str:
     if row == "python":
         return f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -52,22 +79,52 @@ def _installed(row: str) -> str:
     return importlib.metadata.version(row)
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_table_names_what_this_ci_environment_runs(row: str) -> None:
+def _ci_env() -> str:
     env = os.environ.get(ENV_VAR)
     if env is None:
         pytest.skip(f"{ENV_VAR} is set by `make test` (to `newest` or `floor`); without it there is no CI column")
-    assert env in ("newest", "floor"), f"{ENV_VAR} must be `newest` or `floor`, but got {env!r}"
+    assert env in ENVS, f"{ENV_VAR} must be `newest` or `floor`, but got {env!r}"
+    return env
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_table_names_what_this_ci_environment_runs(row: str) -> None:
+    env = _ci_env()
     column = f"CI {env} env"
+    if TABLE[row][column] == NOT_INSTALLED:
+        assert row in ABSENT[env]
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(row)  # the table says it is not installed here: it must not be
+        return
     assert TABLE[row][column] == _installed(row), (
         f"the README's Supported versions table says {row} {TABLE[row][column]} for {column!r}, but this"
         f" environment runs {_installed(row)}: update the table"
     )
 
 
-@pytest.mark.parametrize("module", ["lightning.pytorch", "pytorch_lightning", "ema_metrics.lightning"])
-def test_lightning_imports_in_ci(module: str) -> None:
-    """The Lightning tests skip when Lightning is missing; in CI a missing or broken Lightning must fail instead."""
-    if os.environ.get(ENV_VAR) is None:
-        pytest.skip(f"{ENV_VAR} is set by `make test`; outside it the Lightning tests may be skipped on purpose")
-    importlib.import_module(module)
+# Each integration module and the row of the package it needs.
+INTEGRATIONS = {
+    "lightning.pytorch": "lightning",
+    "pytorch_lightning": "pytorch-lightning",
+    "ema_metrics.lightning": "lightning",
+    "transformers": "transformers",
+    "ema_metrics.transformers": "transformers",
+    "trl": "trl",
+    "ema_metrics.trl": "trl",
+}
+
+
+@pytest.mark.parametrize(("module", "row"), INTEGRATIONS.items())
+def test_integrations_import_in_ci(module: str, row: str) -> None:
+    """The integration tests skip when their framework is missing; in CI a missing or broken one must fail instead.
+
+    Where a package is not installed (``ABSENT``, which the table marks), the import must fail, and ``ema_metrics``'
+    own module must name the extra to install.
+    """
+    env = _ci_env()
+    if row not in ABSENT[env]:
+        importlib.import_module(module)
+        return
+    match = rf"ema_metrics\[{row}\]" if module.startswith("ema_metrics.") else row
+    with pytest.raises(ModuleNotFoundError, match=match):
+        importlib.import_module(module)
