@@ -6,7 +6,11 @@ same gloo processes, interleaved call by call so that the noise of the machine f
 - ``sync``: ``_sync.pool`` as shipped: one ``all_reduce`` of ``INLINE`` float64 values (checks and states);
 - ``bare``: ``torch.distributed.all_reduce`` of ``INLINE`` float64 values, nothing else (the floor);
 - ``gather``: the gather protocol (what every sync used before: one ``all_gather`` of ``INLINE`` values per
-  rank, checked and summed on the host), which per-rank values still take.
+  rank, checked and summed on the host), which per-rank values still take;
+- ``minimal``: the least Python any such sync does, written out by hand for these four metrics: their tick counts
+  through one host buffer, ``torch.cat`` of them with the scales, the states and zeros up to ``INLINE`` values, the
+  ``all_reduce``, one read-back and views of the pooled states; no checks, no layout, no objects. ``minimal/bare`` is
+  the floor that Python on this machine puts on top of the collective, whatever the sync checks.
 
 Each round starts fresh processes; the table gives the median over rounds of each rank's median time (the slowest
 rank) and of the ratios.
@@ -49,6 +53,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import os
 import resource
@@ -66,7 +71,7 @@ from ema_metrics import EMAMetric, EMAWrapper, _sync
 from ema_metrics._sync import collectives
 
 PATHS = ("gather", "reduce", "bare", "default")
-SMALL_PATHS = ("sync", "bare", "gather")
+SMALL_PATHS = ("sync", "bare", "gather", "minimal")
 STEP_PATHS = ("ema", "bare", "plain")
 STEP_CLASSES = 1000
 STEP_BATCH = 64
@@ -121,10 +126,25 @@ def _small_worker(rank: int, world: int, port: int, repeats: int, out: str) -> N
     for i, m in enumerate(metrics):
         m.update(float(rank + i), weight=1.0 + rank)
     flat = torch.zeros(collectives.INLINE, dtype=torch.float64)
+    # what `minimal` reads: the states are not replaced while the metrics are not updated
+    layout = [m.sync_state() for m in metrics]
+    scales = [s.scale for s in layout]
+    states = [t.reshape(-1) for s in layout for t in s.states.values()]
+    numels = [t.numel() for t in states]
+    tail = torch.zeros(collectives.INLINE - len(metrics) * 2 - sum(numels), dtype=torch.float64)
+
+    def minimal() -> list[torch.Tensor]:
+        host = torch.frombuffer(array.array("d", [m.ticks for m in metrics]), dtype=torch.float64)
+        vector = torch.cat([host, torch.stack(scales), *states, tail])
+        dist.all_reduce(vector)
+        vector[: len(metrics) * 2 + sum(numels)].tolist()
+        return list(vector[len(metrics) * 2 :].split_with_sizes([*numels, tail.numel()]))
+
     calls = {
         "sync": lambda: _sync.pool(metrics),
         "bare": lambda: dist.all_reduce(flat),
         "gather": lambda: _sync.pool(metrics, with_ranks=True),
+        "minimal": minimal,
     }
     times: dict[str, list[float]] = {p: [] for p in SMALL_PATHS}
     for i in range(repeats + 10):  # the first 10 warm up
@@ -209,8 +229,8 @@ def run_small(world: int, repeats: int) -> dict[str, float]:
 
 def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     header = (
-        f"{'procs':>5} | {'sync us':>8} {'bare us':>8} {'gather us':>9} | {'sync/bare':>9} {'range':>11}"
-        f" | {'sync/gather':>11} {'range':>11}"
+        f"{'procs':>5} | {'sync us':>8} {'bare us':>8} {'gather us':>9} {'minimal us':>10} | {'sync/bare':>9}"
+        f" {'range':>11} | {'minimal/bare':>12} {'range':>11} | {'sync/gather':>11} {'range':>11}"
     )
     print(f"Per-step sync of 4 EMAMetric ({rounds} rounds of {repeats} interleaved calls; medians over rounds)")
     print(header)
@@ -219,19 +239,26 @@ def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
         res = [run_small(world, repeats) for _ in range(rounds)]
         med = {p: statistics.median(r[p] for r in res) for p in SMALL_PATHS}
         to_bare = [r["sync"] / r["bare"] for r in res]
+        floor = [r["minimal"] / r["bare"] for r in res]
         to_gather = [r["sync"] / r["gather"] for r in res]
         print(
             f"{world:5d} | {1e6 * med['sync']:8.1f} {1e6 * med['bare']:8.1f} {1e6 * med['gather']:9.1f}"
-            f" | {statistics.median(to_bare):9.2f} {min(to_bare):5.2f}-{max(to_bare):<5.2f}"
-            f" | {statistics.median(to_gather):11.2f} {min(to_gather):5.2f}-{max(to_gather):<5.2f}",
+            f" {1e6 * med['minimal']:10.1f} | {_ratios(to_bare, 9)} | {_ratios(floor, 12)} | {_ratios(to_gather, 11)}",
             flush=True,
         )
     kib = collectives.INLINE * 8 // 1024
     print(
+        "`minimal` packs, reduces, reads and splits the same bytes by hand, without any check: the floor of this"
+        " machine's\nPython on top of `bare`.\n"
         f"Target: sync/bare <= 1.2. Bytes per rank per sync: the all_reduce of {kib} KiB at any"
         f" number of ranks;\nthe gather receives world_size * {kib} KiB (8 MiB at 1,024 ranks,"
         " 128 MiB at 16,384).\n"
     )
+
+
+def _ratios(values: list[float], width: int) -> str:
+    """The median of ``values`` (in ``width`` characters) and their range."""
+    return f"{statistics.median(values):{width}.2f} {min(values):5.2f}-{max(values):<5.2f}"
 
 
 def run_step(world: int, repeats: int) -> dict[str, float]:
@@ -261,8 +288,7 @@ def step_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
         plain_bare = [r["plain"] / r["bare"] for r in res]
         print(
             f"{world:5d} | {1e3 * med['ema']:7.2f} {1e3 * med['bare']:7.2f} {1e3 * med['plain']:8.2f}"
-            f" | {statistics.median(to_bare):8.2f} {min(to_bare):5.2f}-{max(to_bare):<5.2f}"
-            f" | {statistics.median(plain_bare):10.2f}",
+            f" | {_ratios(to_bare, 8)} | {statistics.median(plain_bare):10.2f}",
             flush=True,
         )
     print(
