@@ -208,9 +208,13 @@ def grpo_oracle(ranks: list[dict[str, Any]], steps: range, beta: float, loss_uni
         out["entropy"][0].append(sum(m[0] for m in reduced[(1 if beta else 0) :: per_mb]))
         out["entropy"][1].append(tokens)
         # the Trainer's own `loss` of the step (logging every step) is the step's mean loss per token (dapo) or per
-        # sequence (grpo: the same number of sequences every step)
+        # sequence (grpo: the same number of sequences every step): the sum of what `training_step` returned for
+        # each micro-batch, averaged over the ranks; the Trainer logs it in float32, rounded to 4 decimals before
+        # transformers 5
+        step_loss = float(np.mean([np.sum(r["step_loss"][step], dtype=np.float64) for r in ranks]))
+        np.testing.assert_allclose(step_loss, logged(ranks, "loss")[s], rtol=1e-6, atol=5.1e-5)
         units = tokens if loss_unit == "token" else float(len(length))
-        out["loss"][0].append(logged(ranks, "loss")[s] * units)
+        out["loss"][0].append(step_loss * units)
         out["loss"][1].append(units)
     with np.errstate(invalid="ignore"):  # 0 / 0 before a function's first score: NaN, as the EMA is not logged
         return {key: ema_oracle(np.array(s), np.array(n), HALF_LIFE) for key, (s, n) in out.items()}
@@ -224,7 +228,7 @@ def test_grpo_numbers_are_the_exact_completion_and_token_weighted_emas(
     oracle = grpo_oracle(runs[run], steps, beta, unit)
     assert set(oracle) == set(runs[run][0]["keys"])
     for key, expected in oracle.items():
-        # the loss oracle is built from TRL's logged float32 loss; the others from float32 values TRL pooled
+        # the loss oracle is built from the float32 losses the Trainer sums; the others from float32 values TRL pooled
         atol = 1e-6 if key == "loss" else 1e-7
         got = ema_curve(runs[run], key, steps)
         np.testing.assert_allclose(got, expected, rtol=2e-6, atol=atol, err_msg=key)  # NaN where both are

@@ -10,7 +10,14 @@ optimizer step, the raw values TRL computes before it averages them:
   chosen and rejected log-probs, in that order) and the token sums it gathers for ``entropy`` and
   ``mean_token_accuracy`` (``accelerator.gather_for_metrics``);
 - GRPO: every reward the Python reward functions return (on every rank, for its own completions) and the
-  ``(sum, count)`` pairs TRL reduces over the processes for ``kl`` and ``entropy`` (``accelerator.reduce``).
+  ``(sum, count)`` pairs TRL reduces over the processes for ``kl`` and ``entropy`` (``accelerator.reduce``);
+- every trainer: what each training micro-batch's ``training_step`` returns (``step_loss``), which the Trainer adds up
+  into the ``loss`` it logs (rounded to 4 decimals there before transformers 5).
+
+Each run starts from the mixed precision of a new process. Before transformers 5, ``TrainingArguments`` writes its
+own into the process's environment (``ACCELERATE_MIXED_PRECISION``) and takes the one found there when it has none,
+and ``accelerate`` keeps it in a process-wide ``AcceleratorState``: an SFT run with ``bf16=False`` after a DPO run
+(TRL's default ``bf16=True``) trained in bf16.
 
 Written per rank: those records, the ``log_history``. Workers started by the launcher end with ``os._exit`` after a
 final barrier (interpreter shutdown sometimes hangs with gloo).
@@ -83,6 +90,14 @@ class _Recorder:
         acc = trainer.accelerator
         for name in ("gather", "gather_for_metrics", "reduce"):
             self._wrap(acc, name)
+        training_step = trainer.training_step
+
+        def recorded_step(*args: Any, **kwargs: Any) -> Any:
+            loss = training_step(*args, **kwargs)
+            self.add("step_loss", float(loss.detach().to(torch.float64)))
+            return loss
+
+        trainer.training_step = recorded_step
 
     def _training(self) -> bool:
         return bool(self.trainer.model.training) and torch.is_grad_enabled()
@@ -146,6 +161,7 @@ def _token_losses(trainer: Any, records: dict[str, Any]) -> Any:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train as ``cfg`` says and return this rank's records (``log_history``, the recorder's values)."""
+    from accelerate.state import AcceleratorState
     from datasets import Dataset
 
     from ema_metrics.trl import attach
@@ -168,6 +184,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     records: dict[str, Any] = {}
     trainer: Any
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # this run's own mixed precision (see the module docstring)
+    AcceleratorState._reset_state()
     if cfg["kind"] == "sft":
         pass  # built below
     elif cfg["kind"] == "dpo":
@@ -233,6 +251,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     records.update(recorder.records)
     records["log_history"] = trainer.state.log_history
     records["keys"] = list(callback.metrics)
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # nor does it leave its own to the next Trainer
     return records
 
 
