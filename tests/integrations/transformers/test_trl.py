@@ -2,9 +2,10 @@
 
 Real TRL runs (tiny GPT-2 built from a config, a word-level tokenizer built in memory, data made in memory, CPU):
 
-- ``SFTTrainer`` (``loss_type="nll"``): ``loss_ema`` is the EMA over optimizer steps of the token-weighted loss,
-  exactly against a float64 oracle of the losses the model returned, and within the float32 rounding of TRL's fused
-  head against float64 token losses recomputed by an independent forward;
+- ``SFTTrainer`` (``loss_type="nll"``), training the whole model or PEFT LoRA adapters (a ``PeftModel`` wrapping it):
+  ``loss_ema`` is the EMA over optimizer steps of the token-weighted loss, exactly against a float64 oracle of the
+  losses the model returned, and within the float32 rounding of TRL's fused head against float64 token losses
+  recomputed by an independent forward; ``ema_metrics.trl``'s smoothed SFT ``loss`` is the same curve;
 - ``SFTTrainer(loss_type="dft")`` and ``DPOTrainer``: refused when training starts, naming the trainer (before, they
   logged another number than the loss they optimize: the NLL of the completion labels);
 - forwards that train nothing (``generate()``, which runs in training mode under ``no_grad``, and a reference
@@ -86,10 +87,11 @@ class TokenLosses:
     def hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
+        net = module.get_base_model() if hasattr(module, "get_base_model") else module  # a PEFT model: its LoRA layers
         with torch.no_grad():
             inputs = {k: kwargs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in kwargs}
-            hidden = module.transformer(**inputs).last_hidden_state
-            logits = module.lm_head(hidden).to(torch.float64)[:, :-1]
+            hidden = net.transformer(**inputs).last_hidden_state
+            logits = net.lm_head(hidden).to(torch.float64)[:, :-1]
         labels = kwargs["labels"][:, 1:]
         per_token = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
@@ -101,8 +103,11 @@ class TokenLosses:
         self.model_tokens.setdefault(self.step, []).append((float(output.loss) * count, count))
 
 
-def test_sft_logs_the_exact_token_weighted_ema(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_logs_the_exact_token_weighted_ema(tmp_path: Path, lora: bool) -> None:
     from transformers import TrainerCallback
+
+    from ema_metrics.trl import attach
 
     record = TokenLosses()
 
@@ -113,14 +118,22 @@ def test_sft_logs_the_exact_token_weighted_ema(tmp_path: Path) -> None:
             model.register_forward_hook(record.hook, with_kwargs=True)
 
     callback = EMALossCallback(half_life=HALF_LIFE)
-    args = SFTConfig(max_steps=6, gradient_accumulation_steps=2, **_common(tmp_path))
+    args = SFTConfig(max_steps=6, gradient_accumulation_steps=2, learning_rate=0.05, **_common(tmp_path))
+    peft: dict[str, Any] = {}
+    if lora:  # PEFT (LoRA adapters on the attention): the Trainer trains a PeftModel that wraps GPT-2
+        from peft import LoraConfig
+
+        peft["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(
         model=_model(),
         args=args,
         train_dataset=Dataset.from_list(_texts(24)),
         processing_class=_tokenizer(),
         callbacks=[callback, Recorder()],
+        **peft,
     )
+    assert type(trainer.model).__name__ == ("PeftModelForCausalLM" if lora else "GPT2LMHeadModel")
+    attach(trainer, half_life=HALF_LIFE, suffix="_sm")  # TRL's numbers too: its SFT loss read from compute_loss
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss_ema" in h]
     assert [h["step"] for h in logs] == [1, 2, 3, 4, 5, 6]
@@ -132,6 +145,8 @@ def test_sft_logs_the_exact_token_weighted_ema(tmp_path: Path) -> None:
         counts = np.array([sum(n for _, n in micro) for micro in steps], dtype=np.float64)
         # exact against the losses the model returned; their fused float32 head is within 1e-4 of float64 NLL
         np.testing.assert_allclose(got, ema_oracle(sums, counts, HALF_LIFE), rtol=rtol, atol=0)
+    # TRL's SFT loss, smoothed by `ema_metrics.trl` from what compute_loss returned: the same curve
+    np.testing.assert_allclose([h["loss_sm"] for h in logs], got, rtol=1e-6, atol=0)
     # the check can fail: TRL's own `loss` (divided by the unshifted label count) is another number
     assert abs(logs[-1]["loss"] - got[-1]) / got[-1] > 1e-2
 
