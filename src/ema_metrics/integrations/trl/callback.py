@@ -84,9 +84,15 @@ class EMATRLCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             :class:`~ema_metrics.EMAMetric`).
 
     Example:
+        Anything but a TRL trainer is refused, naming what to use instead:
+
         >>> from ema_metrics.trl import EMATRLCallback
-        >>> EMATRLCallback.__name__
-        'EMATRLCallback'
+        >>> EMATRLCallback(object(), half_life=50)
+        Traceback (most recent call last):
+        ...
+        ValueError: EMATRLCallback smooths the numbers of TRL's GRPOTrainer, DPOTrainer, SFTTrainer, but got argument \
+`trainer` = object. For the loss of a Hugging Face Trainer use ema_metrics.transformers.EMALossCallback; for another \
+trainer's numbers, update an EMAMetric with them, weighted by what each averages over.
 
     """
 
@@ -300,9 +306,45 @@ def attach(
     """Build an :class:`EMATRLCallback` for ``trainer`` and add it to the trainer's callbacks.
 
     Example:
+        A tiny GPT-2 fine-tuned by TRL's ``SFTTrainer`` on short texts, 2 micro-batches of 2 a step. TRL's own
+        ``loss`` divides each step's summed loss by the Trainer's count of *unshifted* labels (for GPT-2), which is
+        why it sits far below ``loss_ema``, the EMA of the loss per predicted token:
+
+        >>> import tempfile
+        >>> import torch
+        >>> from datasets import Dataset
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, PrinterCallback
+        >>> from trl import SFTConfig, SFTTrainer
         >>> from ema_metrics.trl import attach
-        >>> attach.__name__
-        'attach'
+        >>> words = ["[PAD]", "[UNK]", "[EOS]", *(f"w{i}" for i in range(20))]
+        >>> tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
+        >>> _ = torch.manual_seed(0)
+        >>> config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(words), n_positions=16,
+        ...                     bos_token_id=2, eos_token_id=2)
+        >>> model = GPT2LMHeadModel(config)
+        >>> texts = [" ".join(f"w{(i * k) % 20}" for k in range(1 + i % 6)) for i in range(32)]
+        >>> args = SFTConfig(
+        ...     tempfile.mkdtemp(), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        ...     learning_rate=0.05, lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
+        ...     disable_tqdm=True, save_strategy="no",
+        ... )
+        >>> data = Dataset.from_list([{"text": t} for t in texts])
+        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        >>> trainer.remove_callback(PrinterCallback)  # the Trainer's own printing of every log
+        >>> callback = attach(trainer, half_life=2)
+        >>> sorted(callback.metrics)
+        ['entropy', 'loss', 'mean_token_accuracy']
+        >>> _ = trainer.train()
+        >>> for h in trainer.state.log_history[:-1]:
+        ...     ema = f"loss_ema={h['loss_ema']:.2f} entropy_ema={h['entropy_ema']:.2f}"
+        ...     print(h["step"], f"loss={h['loss']:.2f}", ema)
+        1 loss=1.80 loss_ema=3.24 entropy_ema=3.13
+        2 loss=2.54 loss_ema=3.26 entropy_ema=3.11
+        3 loss=2.31 loss_ema=3.14 entropy_ema=3.09
+        4 loss=2.46 loss_ema=3.06 entropy_ema=2.99
 
     """
     callback = EMATRLCallback(trainer, alpha, half_life=half_life, span=span, com=com, adjust=adjust, suffix=suffix)
