@@ -1,7 +1,8 @@
-"""The torchmetrics ``Metric`` contract: dtype moves, persistence, state-dict errors and plotting.
+"""The torchmetrics ``Metric`` contract: dtype moves, persistence, state-dict errors, plotting and ``compute``.
 
 Values are checked against the float64 loop of ``tests.test_ema_reference`` and a float64 MSE written here; error
-texts against what ``torch.nn.Module.load_state_dict`` itself says.
+texts against what ``torch.nn.Module.load_state_dict`` itself says; the ``compute`` wrapper (warning, cache, sync and
+its undoing, on 1 and 2 gloo processes) against torchmetrics' own wrapper around the same ``compute``.
 """
 
 from __future__ import annotations
@@ -305,3 +306,91 @@ def test_a_subclass_configuration_that_is_not_hashable_still_syncs() -> None:
     assert float(value) == float(plain.compute())
     assert _sync.fingerprint(tagged) != _sync.fingerprint(plain)
     np.testing.assert_allclose(float(value), ema_oracle([[(1.0, 1.0)], [(4.0, 1.0)]], 0.5)[-1], rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------ compute's wrapper, against torchmetrics' own
+# `_base.DecayedSumMetric._wrap_compute` mirrors torchmetrics' `Metric._wrap_compute` to skip copies of pooled values;
+# the same metric with torchmetrics' own wrapper around the same `compute` is the reference, so that a torchmetrics
+# release that changes its wrapper (a warning, the cache, the sync and its undoing) shows here.
+WRAPPED = {
+    "EMAMetric": lambda **kw: EMAMetric(alpha=0.3, **kw),
+    "EMAWrapper": lambda **kw: EMAWrapper(MeanSquaredError(), alpha=0.3, **kw),
+}
+
+
+def _with_torchmetrics_compute(metric: Metric) -> Metric:
+    """``metric`` with torchmetrics' own ``compute`` wrapper around its class's ``compute``, instead of ours."""
+    metric.compute = Metric._wrap_compute(metric, type(metric).compute.__get__(metric))  # type: ignore[method-assign]
+    return metric
+
+
+def _feed(metric: Metric, values: list[float]) -> None:
+    for v in values:
+        if isinstance(metric, EMAWrapper):
+            metric.update(torch.tensor([v]), torch.tensor([v / 2]))
+        else:
+            metric.update(v)
+
+
+def _compute_observed(metric: Metric) -> tuple[Any, list[tuple[type, str]]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = metric.compute()
+    return value, [(w.category, str(w.message)) for w in caught]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return bool(torch.equal(a, b) or (torch.isnan(a).all() and torch.isnan(b).all()))
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "not-cached"])
+@pytest.mark.parametrize("kind", list(WRAPPED))
+def test_compute_wrapper_behaves_as_torchmetrics_own(kind: str, cache: bool) -> None:
+    ours = WRAPPED[kind](compute_with_cache=cache)
+    theirs = _with_torchmetrics_compute(WRAPPED[kind](compute_with_cache=cache))
+    if kind == "EMAMetric":  # before any update: the same warning, the same (NaN) value
+        (a, warned_a), (b, warned_b) = _compute_observed(ours), _compute_observed(theirs)
+        assert warned_a == warned_b
+        assert warned_a  # the check can fail: the warning is there
+        assert warned_a[0][0] is UserWarning
+        assert _same_value(a, b)
+    for values in ([0.5, 2.0], [7.0]):
+        _feed(ours, values)
+        _feed(theirs, values)
+        (a, warned_a), (b, warned_b) = _compute_observed(ours), _compute_observed(theirs)
+        assert warned_a == warned_b == []
+        assert _same_value(a, b)
+        # cached: the same object until the next update, in both; else a new one per call
+        assert (ours.compute() is a) == (theirs.compute() is b) == cache
+        assert (ours._computed is None) == (theirs._computed is None) == (not cache)
+        assert ours._update_count == theirs._update_count
+
+
+def _compute_wrapper_worker(rank: int, world: int, kind: str) -> list[Any]:
+    ours = WRAPPED[kind]()
+    theirs = _with_torchmetrics_compute(WRAPPED[kind]())
+    out = []
+    for metric in (ours, theirs):
+        _feed(metric, [float(rank + 1), 3.0 * rank])
+        local = {n: getattr(metric, n).clone() for n in metric._state_names()}
+        value = metric.compute()
+        # the sync is undone: the local states are back, and the metric is not left synced
+        restored = all(torch.equal(getattr(metric, n), t) for n, t in local.items()) and not metric._is_synced
+        out.append((value.to(torch.float64).reshape(-1).tolist(), restored))  # plain numbers through the queue
+    return out
+
+
+@pytest.mark.parametrize("kind", list(WRAPPED))
+def test_synced_compute_wrapper_behaves_as_torchmetrics_own(kind: str) -> None:
+    from tests.ddp_utils import run_ddp
+
+    results = run_ddp(_compute_wrapper_worker, 2, kind)
+    for (ours, ours_restored), (theirs, theirs_restored) in results:
+        assert ours_restored
+        assert theirs_restored
+        assert ours == theirs
+    # the check can fail: the value is pooled (the ranks fed different values and see the same one, not rank 0's)
+    assert results[0][0][0] == results[1][0][0]
+    single = WRAPPED[kind]()
+    _feed(single, [1.0, 0.0])
+    assert results[0][0][0] != single.compute().to(torch.float64).reshape(-1).tolist()
