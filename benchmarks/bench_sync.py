@@ -61,6 +61,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -220,11 +221,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_small(world: int, repeats: int) -> dict[str, float]:
+def run_interleaved(worker: Any, paths: tuple[str, ...], world: int, repeats: int) -> dict[str, float]:
+    """Each path's median time on the slowest rank, from one run of ``worker`` on ``world`` fresh gloo processes."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_small_worker, args=(world, _free_port(), repeats, out), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, _free_port(), repeats, out), nprocs=world, join=True)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
-    return {p: max(r[p] for r in ranks) for p in SMALL_PATHS}
+    return {p: max(r[p] for r in ranks) for p in paths}
 
 
 def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
@@ -236,7 +238,7 @@ def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     print(header)
     print("-" * len(header))
     for world in worlds:
-        res = [run_small(world, repeats) for _ in range(rounds)]
+        res = [run_interleaved(_small_worker, SMALL_PATHS, world, repeats) for _ in range(rounds)]
         med = {p: statistics.median(r[p] for r in res) for p in SMALL_PATHS}
         to_bare = [r["sync"] / r["bare"] for r in res]
         floor = [r["minimal"] / r["bare"] for r in res]
@@ -261,13 +263,6 @@ def _ratios(values: list[float], width: int) -> str:
     return f"{statistics.median(values):{width}.2f} {min(values):5.2f}-{max(values):<5.2f}"
 
 
-def run_step(world: int, repeats: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_step_worker, args=(world, _free_port(), repeats, out), nprocs=world, join=True)
-        ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
-    return {p: max(r[p] for r in ranks) for p in STEP_PATHS}
-
-
 def step_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     header = (
         f"{'procs':>5} | {'ema ms':>7} {'bare ms':>7} {'plain ms':>8} | {'ema/bare':>8} {'range':>11}"
@@ -282,7 +277,7 @@ def step_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     print(header)
     print("-" * len(header))
     for world in worlds:
-        res = [run_step(world, repeats) for _ in range(rounds)]
+        res = [run_interleaved(_step_worker, STEP_PATHS, world, repeats) for _ in range(rounds)]
         med = {p: statistics.median(r[p] for r in res) for p in STEP_PATHS}
         to_bare = [r["ema"] / r["bare"] for r in res]
         plain_bare = [r["plain"] / r["bare"] for r in res]
