@@ -229,17 +229,29 @@ def run_interleaved(worker: Any, paths: tuple[str, ...], world: int, repeats: in
     return {p: max(r[p] for r in ranks) for p in paths}
 
 
+def rounds_of(
+    worker: Any, paths: tuple[str, ...], world: int, rounds: int, repeats: int
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """``rounds`` runs of :func:`run_interleaved`, and each path's median over them."""
+    res = [run_interleaved(worker, paths, world, repeats) for _ in range(rounds)]
+    return res, {p: statistics.median(r[p] for r in res) for p in paths}
+
+
+def print_header(title: str, header: str) -> None:
+    print(title)
+    print(header)
+    print("-" * len(header))
+
+
 def small_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
     header = (
         f"{'procs':>5} | {'sync us':>8} {'bare us':>8} {'gather us':>9} {'minimal us':>10} | {'sync/bare':>9}"
         f" {'range':>11} | {'minimal/bare':>12} {'range':>11} | {'sync/gather':>11} {'range':>11}"
     )
-    print(f"Per-step sync of 4 EMAMetric ({rounds} rounds of {repeats} interleaved calls; medians over rounds)")
-    print(header)
-    print("-" * len(header))
+    title = f"Per-step sync of 4 EMAMetric ({rounds} rounds of {repeats} interleaved calls; medians over rounds)"
+    print_header(title, header)
     for world in worlds:
-        res = [run_interleaved(_small_worker, SMALL_PATHS, world, repeats) for _ in range(rounds)]
-        med = {p: statistics.median(r[p] for r in res) for p in SMALL_PATHS}
+        res, med = rounds_of(_small_worker, SMALL_PATHS, world, rounds, repeats)
         to_bare = [r["sync"] / r["bare"] for r in res]
         floor = [r["minimal"] / r["bare"] for r in res]
         to_gather = [r["sync"] / r["gather"] for r in res]
@@ -269,16 +281,14 @@ def step_table(worlds: tuple[int, ...], rounds: int, repeats: int) -> None:
         f" | {'plain/bare':>10}"
     )
     size = STEP_CLASSES * STEP_CLASSES
-    print(
+    title = (
         f"Whole step: EMAWrapper(MulticlassConfusionMatrix({STEP_CLASSES})) update + synced compute, S = {size}"
         f" float64 ({size * 8 / 2**20:.1f} MiB),\nbatches of {STEP_BATCH} labels ({rounds} rounds of {repeats}"
         " interleaved calls; medians over rounds of the slowest rank)"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(title, header)
     for world in worlds:
-        res = [run_interleaved(_step_worker, STEP_PATHS, world, repeats) for _ in range(rounds)]
-        med = {p: statistics.median(r[p] for r in res) for p in STEP_PATHS}
+        res, med = rounds_of(_step_worker, STEP_PATHS, world, rounds, repeats)
         to_bare = [r["ema"] / r["bare"] for r in res]
         plain_bare = [r["plain"] / r["bare"] for r in res]
         print(
